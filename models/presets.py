@@ -1,0 +1,232 @@
+"""Built-in presets: real architecture and geometry, small widths, random weights from a fixed seed.
+
+A preset is written once as a Hugging Face folder (config, safetensors, tokenizer, processor; GridPrune's CLIP
+text tower in ``clip/``) under the vlmprune cache and loaded back through the same code as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PRESET_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PresetSpec:
+    name: str
+    description: str
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_intermediate: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    max_context: int
+    clip_text_hidden: int = 64
+    clip_text_layers: int = 2
+    clip_projection: int = 32
+    image_size: int = 336
+    patch_size: int = 14
+    seed: int = 0
+
+
+PRESETS: dict[str, PresetSpec] = {
+    "tiny-llava": PresetSpec(
+        name="tiny-llava",
+        description="LLaVA-1.5 geometry (336 px, patch 14, 576 patches + CLS, penultimate-layer features), tiny widths",
+        vision_hidden=64,
+        vision_layers=4,
+        vision_heads=4,
+        vision_intermediate=256,
+        text_hidden=128,
+        text_layers=2,
+        text_heads=4,
+        text_kv_heads=2,
+        text_intermediate=256,
+        max_context=1024,
+    ),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("VLMPRUNE_CACHE") or Path.home() / ".cache" / "vlmprune")
+
+
+def preset_path(name: str) -> Path:
+    return cache_root() / "presets" / f"{name}-v{PRESET_VERSION}"
+
+
+def ensure_preset(name: str) -> Path:
+    """The preset's folder, written on first use (atomically: built in a temporary folder, then renamed)."""
+    spec = PRESETS[name]
+    target = preset_path(name)
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write_llava_preset(spec, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like the HF cache
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race; its folder is as good as ours
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _init_weights(model, seed: int) -> None:
+    """Weights with unit-scale activations (fan-in scaled normals), so attention maps and pruning scores are spread
+    out rather than the near-uniform maps that a 0.02-std init gives, which would make selections tie-prone."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.dim() >= 2:
+                fan_in = param[0].numel()
+                param.copy_(torch.randn(param.shape, generator=gen) * fan_in**-0.5)
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+            elif name.endswith("class_embedding"):
+                param.copy_(torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+
+
+def write_llava_preset(spec: PresetSpec, folder: Path) -> None:
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    from .tiny_tokenizer import LLAVA_CHAT_TEMPLATE, build_tokenizer
+
+    raw = build_tokenizer()
+    vocab = raw.get_vocab_size()
+    ids = {t: raw.token_to_id(t) for t in ("<unk>", "<s>", "</s>", "<image>", "<pad>")}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=spec.max_context,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.clip_projection,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        max_position_embeddings=spec.max_context,
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"],
+        pad_token_id=ids["<pad>"],
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<image>"],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    _init_weights(model, spec.seed)
+    model.generation_config.pad_token_id = ids["<pad>"]
+    model.generation_config.eos_token_id = ids["</s>"]
+    model.generation_config.bos_token_id = ids["<s>"]
+    model.save_pretrained(folder, safe_serialization=True)
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+        do_center_crop=True,
+        resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(folder)
+
+    # GridPrune's CLIP: a tiny text tower and projections over the *same* vision tower weights.
+    clip_config = CLIPConfig(
+        text_config=CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=spec.clip_text_hidden,
+            intermediate_size=spec.clip_text_hidden * 4,
+            num_hidden_layers=spec.clip_text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=ids["<s>"],
+            eos_token_id=ids["</s>"],
+            pad_token_id=ids["<pad>"],
+            projection_dim=spec.clip_projection,
+        ).to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=spec.clip_projection,
+    )
+    clip = CLIPModel(clip_config).eval()
+    _init_weights(clip, spec.seed + 1)
+    tower = model.model.vision_tower
+    clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())
+    clip_dir = folder / "clip"
+    clip.save_pretrained(clip_dir, safe_serialization=True)
+    clip_tok = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=77,
+    )
+    # CLIP pools at the end-of-text token: end every prompt with </s>.
+    from tokenizers import processors
+
+    clip_tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])]
+    )
+    clip_tok.save_pretrained(clip_dir)
+    (folder / "VLMPRUNE_PRESET").write_text(f"{spec.name} v{PRESET_VERSION} seed {spec.seed}\n")
