@@ -1,0 +1,101 @@
+"""``prune-export``: export a VLM's vision graph with pruning buckets, text encoder and decoder to a bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vlmprune.cli_common import main_wrapper, quiet_libraries
+from vlmprune.errors import VlmpruneError
+
+
+def _options(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise VlmpruneError(f"--option {pair!r} is not key=value", "e.g. --option strategy=row")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlmprune.prune import METHODS
+
+    from .targets import DEFAULT_TARGET, TARGETS
+
+    p = argparse.ArgumentParser(
+        prog="prune-export",
+        description="Export a VLM's vision encoder + pruning graph (one static budget bucket per keep ratio), "
+        "the CLIP text encoder where the method needs it, and the KV-cache decoder, validated against PyTorch.",
+    )
+    p.add_argument("--model", default="tiny-llava", help="built-in preset, local folder or cached HF id (default: tiny-llava)")
+    p.add_argument("--method", required=True, help=f"pruning method: {', '.join(METHODS)}")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--keep", help="keep ratio(s), comma-separated, each in (0, 1]: e.g. 0.25,0.5")
+    budget.add_argument("--tokens", help="token budget(s) K, comma-separated")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--out", type=Path, help="output folder (default: exports/<model>-<method>)")
+    p.add_argument("--target", default=DEFAULT_TARGET, choices=sorted(TARGETS), help="TensorRT target: opset and lint")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--clip", help="CLIP model for GridPrune's text tower (a preset brings its own)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation against PyTorch")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+@main_wrapper("prune-export")
+def main(argv=None):
+    quiet_libraries()
+    args = build_parser().parse_args(argv)
+    from .buckets import parse_list
+    from .exporter import ExportRequest, export_bundle
+    from .progress import Steps
+
+    req = ExportRequest(
+        model=args.model,
+        method=args.method,
+        keeps=parse_list(args.keep, float, "--keep"),
+        tokens=parse_list(args.tokens, int, "--tokens"),
+        options=_options(args.option),
+        out=args.out,
+        target=args.target,
+        precision=args.precision,
+        force=args.force,
+        validate=args.validate,
+        clip=args.clip,
+        trust_remote_code=args.trust_remote_code,
+    )
+    steps = Steps(quiet=args.quiet)
+    result = export_bundle(req, steps)
+    buckets = result.manifest["vision"]["buckets"]
+    summary = {
+        "bundle": str(result.path),
+        "buckets": [{"name": b["name"], "keep": b["keep"], "k": b["k"]} for b in buckets],
+        "validation_passed": None if result.validation is None else result.validation["passed"],
+        "lint_ok": {t: all(g[t]["ok"] for g in result.manifest["lint"].values()) for t in next(iter(result.manifest["lint"].values()))},
+        "seconds": round(steps.elapsed, 2),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for b in buckets:
+            print(f"{b['name']:>16}: keep {b['keep']:<6} -> {b['k']} visual tokens  ({b['file']})")
+        lint = ", ".join(f"{t} {'ok' if ok else 'FAIL'}" for t, ok in summary["lint_ok"].items())
+        print(f"TensorRT lint: {lint}")
+        for target, ok in summary["lint_ok"].items():
+            if not ok:
+                rules = sorted({f["rule"] for g in result.manifest["lint"].values()
+                                for f in g[target]["findings"] if f["level"] == "error"})
+                print(f"  {target}: {', '.join(rules)} (export with --target {target} for that TensorRT)")
+        print(f"bundle: {result.path}  ({summary['seconds']}s)", file=sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""prune-export on the tiny preset: every method at two buckets, validated; manifest; atomic writes; bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from vlmprune.bundle import load_manifest
+from vlmprune.errors import VlmpruneError
+from vlmprune.export.cli import main as export_main
+from vlmprune.export.exporter import ExportRequest, export_bundle
+from vlmprune.export.progress import Steps
+from vlmprune.prune import METHODS
+
+EXPECTED_K = {"fopru": [144, 288], "gprune": [144, 288], "gridprune": [144, 288], "l2norm": [144, 288],
+              "pool": [144], "none": []}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for name in METHODS:
+        req = ExportRequest(method=name, keeps=[0.25, 0.5], out=root / name)
+        out[name] = export_bundle(req, Steps(quiet=True))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_exports_two_buckets_and_validates(bundles, name):
+    result = bundles[name]
+    manifest = load_manifest(result.path)
+    ks = [b["k"] for b in manifest["vision"]["buckets"]]
+    assert ks == [576] + EXPECTED_K[name]
+    assert result.validation["passed"]
+    checks = result.validation["checks"]
+    index_checks = [c for c in checks if c["output"] == "kept_indices"]
+    assert len(index_checks) == 2 * len(ks) and all(c["indices_equal"] for c in index_checks)
+    assert any(c["graph"] == "decoder.onnx" and c["case"] == "step with cache" for c in checks)
+    assert json.loads((result.path / "validation.json").read_text())["passed"]
+    for bucket in manifest["vision"]["buckets"]:
+        sess = ort.InferenceSession(str(result.path / bucket["file"]), providers=["CPUExecutionProvider"])
+        feeds = {"pixel_values": np.zeros((1, 3, 336, 336), np.float32)}
+        if any(i["name"] == "text_embeds" for i in bucket["inputs"]):
+            feeds["text_embeds"] = np.ones((1, manifest["text_encoder"]["projection_dim"]), np.float32)
+        embeds, kept = sess.run(None, feeds)
+        assert embeds.shape == (1, bucket["k"], manifest["decoder"]["hidden_size"])
+        assert kept.shape == (1, bucket["k"]) and np.all(np.diff(kept[0]) > 0)
+        assert bucket["outputs"][0]["shape"] == [1, bucket["k"], manifest["decoder"]["hidden_size"]]
+
+
+def test_fopru_quarter_returns_144_tokens_and_lints_clean(bundles):
+    manifest = load_manifest(bundles["fopru"].path)
+    bucket = next(b for b in manifest["vision"]["buckets"] if b["keep"] == 0.25)
+    assert bucket["k"] == 144
+    for graph, per_target in manifest["lint"].items():
+        for target in ("trt8.6", "trt10", "trt11"):
+            assert per_target[target]["ok"], (graph, target, per_target[target]["findings"][:3])
+
+
+def test_gridprune_bundle_has_a_text_encoder(bundles):
+    manifest = load_manifest(bundles["gridprune"].path)
+    text = manifest["text_encoder"]
+    assert text["file"] == "text_encoder.onnx" and (bundles["gridprune"].path / "clip_tokenizer.json").exists()
+    bucket = manifest["vision"]["buckets"][1]
+    assert [i["name"] for i in bucket["inputs"]] == ["pixel_values", "text_embeds"]
+
+
+def test_encoder_stops_at_the_feature_layer_and_exports_no_attention_output(bundles):
+    path = bundles["fopru"].path / "vision_fopru_k144.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    names = " ".join(n.name for n in model.graph.node)
+    assert "layers.2" in names and "layers.3" not in names  # 4 layers, features from the penultimate (index 2)
+    assert [o.name for o in model.graph.output] == ["image_embeds", "kept_indices"]
+
+
+def test_manifest_checksums_cover_every_file_and_detect_changes(bundles, tmp_path):
+    src = bundles["fopru"].path
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    manifest = load_manifest(copy)
+    listed = set(manifest["files"])
+    on_disk = {p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert listed == on_disk
+    with open(copy / "vision.weights", "r+b") as f:
+        f.seek(5000)
+        f.write(b"\x01\x02")
+    with pytest.raises(VlmpruneError, match="vision.weights .* does not match its checksum"):
+        load_manifest(copy)
+    (copy / "decoder.onnx").unlink()
+    with pytest.raises(VlmpruneError, match="decoder.onnx is missing"):
+        load_manifest(copy, verify=True)
+
+
+def test_buckets_share_one_copy_of_the_encoder_weights(tmp_path):
+    def size(p):
+        return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
+
+    one = export_bundle(ExportRequest(method="fopru", keeps=[0.25], out=tmp_path / "one", validate=False), Steps(quiet=True))
+    four = export_bundle(
+        ExportRequest(method="fopru", keeps=[0.111, 0.25, 0.5, 0.75], out=tmp_path / "four", validate=False),
+        Steps(quiet=True),
+    )
+    assert len(four.manifest["vision"]["buckets"]) == 5
+    assert size(four.path) <= 1.15 * size(one.path)
+    vision = lambda p: sum(f.stat().st_size for f in Path(p).glob("vision*"))  # noqa: E731
+    assert vision(four.path) <= 1.15 * vision(one.path)
+
+
+def test_target_trt85_writes_opset_16_and_passes_its_lint(tmp_path):
+    result = export_bundle(ExportRequest(method="gridprune", keeps=[0.25], out=tmp_path / "b", target="trt8.5"),
+                           Steps(quiet=True))
+    for f in result.path.glob("*.onnx"):
+        model = onnx.load(str(f), load_external_data=False)
+        assert {o.domain: o.version for o in model.opset_import}[""] == 16
+        assert model.ir_version <= 8
+        assert not any(n.op_type == "LayerNormalization" for n in model.graph.node)
+    assert all(g["trt8.5"]["ok"] for g in result.manifest["lint"].values())
+
+
+def test_row_strategy_records_what_it_returns(tmp_path):
+    result = export_bundle(
+        ExportRequest(method="fopru", keeps=[0.111], options={"strategy": "row"}, out=tmp_path / "b", validate=True),
+        Steps(quiet=True),
+    )
+    bucket = result.manifest["vision"]["buckets"][1]
+    assert bucket["k"] == 72 and bucket["keep"] == 0.111 and bucket["options"] == {"strategy": "row", "scores": "probs"}
+
+
+# --- atomic writes and bad input -------------------------------------------------------------------------------------
+
+
+def test_existing_folder_needs_force(tmp_path, capsys):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert export_main.run(["--method", "fopru", "--keep", "0.25", "--out", str(out), "--quiet"]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert export_main.run(["--method", "fopru", "--keep", "0.25", "--out", str(out), "--quiet", "--force",
+                            "--no-validate"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_failed_validation_publishes_nothing(tmp_path, monkeypatch):
+    from vlmprune.export import exporter
+
+    real = exporter.summarise
+
+    def failing(checks, precision):
+        summary = real(checks, precision)
+        summary["passed"] = False
+        summary["checks"][0]["passed"] = False
+        return summary
+
+    monkeypatch.setattr(exporter, "summarise", failing)
+    with pytest.raises(VlmpruneError, match="validation failed .* no bundle was published"):
+        export_bundle(ExportRequest(method="fopru", keeps=[0.25], out=tmp_path / "b"), Steps(quiet=True))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    from vlmprune.export import exporter
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, "externalize", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(ExportRequest(method="fopru", keeps=[0.25], out=tmp_path / "b"), Steps(quiet=True))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "fastv", "--keep", "0.25"], "unknown pruning method 'fastv'"),
+        (["--method", "fopru", "--keep", "0"], r"keep ratio 0.0 is outside \(0, 1\]"),
+        (["--method", "fopru", "--keep", "1.5"], r"keep ratio 1.5 is outside \(0, 1\]"),
+        (["--method", "fopru", "--tokens", "600"], "K=600 tokens is outside 1..N=576"),
+        (["--method", "fopru", "--keep", "a,b"], "is not a comma-separated list"),
+        (["--method", "fopru", "--keep", "0.25", "--option", "alpha=1"], "has no option 'alpha'"),
+        (["--method", "fopru", "--keep", "0.25", "--model", "nobody/nothing"], "'nobody/nothing' not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    code = export_main.run([*args, "--out", str(tmp_path / "b"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("prune-export: error: ")
+    import re
+
+    assert re.search(message, err), err
+    assert not (tmp_path / "b").exists()
+
+
+def test_gridprune_without_clip_is_refused(tmp_path, tiny, capsys):
+    folder = tmp_path / "noclip"
+    shutil.copytree(tiny.path, folder, ignore=shutil.ignore_patterns("clip"))
+    code = export_main.run(["--model", str(folder), "--method", "gridprune", "--keep", "0.25",
+                            "--out", str(tmp_path / "b"), "--quiet"])
+    assert code == 2
+    assert "needs a CLIP text tower" in capsys.readouterr().err

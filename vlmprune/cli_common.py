@@ -1,0 +1,47 @@
+"""What every console script shares: one-line errors and a non-zero exit for the user's mistakes."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from .errors import VlmpruneError
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:  # our own step lines report progress; the library's per-load bars would interleave with them
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # the edge runtime has no transformers
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main_wrapper(prog: str):
+    """Run a CLI entry point: a ``VlmpruneError`` becomes ``<prog>: error: <one line>`` and exit code 2.
+
+    ``entry.run(argv)`` returns the exit code instead of exiting (for tests)."""
+    return functools.partial(_wrap, prog)
+
+
+def _wrap(prog, fn):
+    @functools.wraps(fn)
+    def run(argv=None):
+        try:
+            return fn(argv) or 0
+        except VlmpruneError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+
+    def entry(argv=None):
+        sys.exit(run(argv))
+
+    entry.run = run
+    return entry
