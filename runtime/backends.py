@@ -1,0 +1,112 @@
+"""Inference backends behind one interface (Polygraphy-style split): ONNX Runtime here, TensorRT in trt_backend.
+
+A backend runs one graph: ``run(feeds) -> {name: array}``, and says its ``inputs``/``outputs`` with dtypes, which the
+runtime reads rather than assumes (TensorRT 8.x narrows INT64 to INT32).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from vlmprune.errors import VlmpruneError
+
+_PREFERRED = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+class Backend:
+    name = "backend"
+    inputs: dict[str, np.dtype]
+    outputs: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def cast_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: np.ascontiguousarray(v, dtype=self.inputs[k]) for k, v in feeds.items()}
+
+
+def choose_providers(requested: str | None = None) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        name = requested if requested.endswith("ExecutionProvider") else f"{requested.capitalize()}ExecutionProvider"
+        name = {"TrtExecutionProvider": "TensorrtExecutionProvider", "CudaExecutionProvider": "CUDAExecutionProvider"}.get(name, name)
+        if name not in available:
+            raise VlmpruneError(f"ONNX Runtime provider {requested!r} is not available here",
+                                f"available: {', '.join(available)}")
+        return [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
+    return [p for p in _PREFERRED if p in available]
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, provider: str | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = threads or int(os.environ.get("VLMPRUNE_THREADS", "0"))
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.providers = choose_providers(provider)
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
+        except Exception as exc:  # ORT raises its own exception types for corrupt files
+            raise VlmpruneError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0][:200]}",
+                                "re-export the bundle") from None
+        self.inputs = {i.name: _ORT_TYPES[i.type] for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds, outputs=None):
+        names = outputs or self.outputs
+        return dict(zip(names, self.session.run(names, self.cast_feeds(feeds))))
+
+
+class OrtDecoder:
+    """The KV-cache decoder on ONNX Runtime with I/O binding: each step's ``present`` OrtValues are bound as the next
+    step's ``past_key_values`` without a round trip through numpy."""
+
+    def __init__(self, backend: OrtBackend, spec: dict):
+        self.backend = backend
+        self.session = backend.session
+        self.layers = spec["num_layers"]
+        self.kv_shape = (1, spec["num_kv_heads"], 0, spec["head_dim"])
+        self.kv_dtype = np.dtype(spec.get("kv_dtype", "float32"))
+        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
+        self.present_names = [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
+        self.device = "cuda" if "CUDAExecutionProvider" in backend.providers else "cpu"
+        self.reset()
+
+    def reset(self) -> None:
+        import onnxruntime as ort
+
+        empty = np.zeros(self.kv_shape, self.kv_dtype)
+        self.past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
+        self.length = 0
+
+    def step(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Run S new tokens; returns the logits of the last one [V] and keeps the cache."""
+        seq = embeds.shape[1]
+        mask = np.ones((1, self.length + seq), self.backend.inputs["attention_mask"])
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, self.backend.inputs["inputs_embeds"]))
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, self.backend.inputs["position_ids"]))
+        for name, value in zip(self.past_names, self.past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.past = outputs[1:]
+        self.length += seq
+        return outputs[0].numpy()[0, -1]

@@ -1,0 +1,219 @@
+"""The edge pipeline: image -> preprocess -> (text encoder) -> vision graph of the chosen bucket -> stitch ->
+decoder prefill -> generation, with per-stage timings. Torch- and transformers-free."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from vlmprune.bundle import bucket_for, load_manifest
+from vlmprune.errors import VlmpruneError
+
+from .backends import OrtBackend, OrtDecoder
+from .preprocess import Preprocessor, load_image
+from .prompt import PromptBuilder
+from .sampling import next_token
+from .stitch import POSITION_MODES, stitch
+
+
+@dataclass
+class Timings:
+    preprocess_ms: float = 0.0
+    text_encoder_ms: float = 0.0
+    vision_ms: float = 0.0  # vision encoder + pruning (one graph)
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0  # request start to the first generated token
+    tpot_ms: float = 0.0  # mean time per output token after the first
+    total_ms: float = 0.0
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    bucket: str
+    keep: float
+    visual_tokens_kept: int
+    visual_tokens_total: int
+    prompt_tokens: int
+    tokens_generated: int
+    stop_reason: str
+    kept_indices: list[int]
+    timings: Timings = field(default_factory=Timings)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def timing_line(self) -> str:
+        t = self.timings
+        text = f" | text enc {t.text_encoder_ms:.1f} ms" if t.text_encoder_ms else ""
+        return (f"[{self.bucket}: {self.visual_tokens_kept}/{self.visual_tokens_total} visual tokens, "
+                f"{self.prompt_tokens} prompt tokens] preprocess {t.preprocess_ms:.1f} ms{text} | "
+                f"vision+prune {t.vision_ms:.1f} ms | prefill {t.prefill_ms:.1f} ms | TTFT {t.ttft_ms:.1f} ms | "
+                f"TPOT {t.tpot_ms:.2f} ms x {self.tokens_generated} tokens ({self.stop_reason})")
+
+
+class Pipeline:
+    def __init__(self, bundle: str | Path, *, provider: str | None = None, threads: int | None = None,
+                 positions: str = "contiguous", verify: bool = True):
+        self.folder = Path(bundle)
+        self.manifest = load_manifest(self.folder, verify=verify)
+        if positions not in POSITION_MODES:
+            raise VlmpruneError(f"unknown positions mode {positions!r}", f"choose one of {', '.join(POSITION_MODES)}")
+        self.positions = positions
+        self.provider = provider
+        self.threads = threads
+        m = self.manifest
+        self.preprocess = Preprocessor(m["preprocessing"])
+        self.prompt = PromptBuilder(self.folder, m["prompt"])
+        emb = m["decoder"]["embeddings"]
+        self.table = np.load(self.folder / emb["file"], mmap_mode="r")
+        if list(self.table.shape) != emb["shape"]:
+            raise VlmpruneError(f"{emb['file']} has shape {self.table.shape}, the manifest says {emb['shape']}", "re-export")
+        self.decoder_spec = m["decoder"]
+        self.decoder = OrtDecoder(self._backend(m["decoder"]["file"]), m["decoder"])
+        self.num_patches = m["vision"]["view"]["num_patches"]
+        self._vision: dict[str, OrtBackend] = {}
+        self._text = None
+        if m["text_encoder"]:
+            from tokenizers import Tokenizer
+
+            self._clip_tokenizer = Tokenizer.from_file(str(self.folder / m["text_encoder"]["tokenizer"]))
+
+    def _backend(self, file: str) -> OrtBackend:
+        return OrtBackend(self.folder / file, self.provider, self.threads)
+
+    def vision_backend(self, bucket: dict) -> OrtBackend:
+        if bucket["name"] not in self._vision:  # one bucket's session at a time is what an edge box can afford
+            self._vision[bucket["name"]] = self._backend(bucket["file"])
+        return self._vision[bucket["name"]]
+
+    def prepare(self, bucket: dict) -> None:
+        """Open the sessions a request on this bucket needs, so that per-request timings exclude loading."""
+        self.vision_backend(bucket)
+        if self.manifest["text_encoder"] and self._text is None:
+            self._text = self._backend(self.manifest["text_encoder"]["file"])
+
+    def choose_bucket(self, keep: float | None) -> tuple[dict, str]:
+        return bucket_for(self.manifest, keep)
+
+    def text_embeds(self, prompt: str) -> np.ndarray:
+        spec = self.manifest["text_encoder"]
+        if self._text is None:
+            self._text = self._backend(spec["file"])
+        enc = self._clip_tokenizer.encode(prompt, add_special_tokens=True)
+        ids = enc.ids
+        if len(ids) > spec["max_length"]:  # CLIP's 77-token window: keep the start and the end-of-text token
+            ids = ids[: spec["max_length"] - 1] + ids[-1:]
+        return self._text.run({"input_ids": np.asarray([ids])})["text_embeds"]
+
+    def vision(self, pixel_values: np.ndarray, bucket: dict, prompt: str) -> tuple[np.ndarray, np.ndarray, float]:
+        feeds = {"pixel_values": pixel_values}
+        t0 = time.perf_counter()
+        text_ms = 0.0
+        if any(i["name"] == "text_embeds" for i in bucket["inputs"]):
+            feeds["text_embeds"] = self.text_embeds(prompt)
+            text_ms = (time.perf_counter() - t0) * 1e3
+        out = self.vision_backend(bucket).run(feeds)
+        return out["image_embeds"], out["kept_indices"].astype(np.int64), text_ms
+
+    def generate(
+        self,
+        image: Image.Image | str | Path,
+        prompt: str,
+        *,
+        keep: float | None = None,
+        bucket: dict | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
+    ) -> Result:
+        if max_new_tokens < 1:
+            raise VlmpruneError(f"--max-new-tokens {max_new_tokens} must be at least 1", "give a positive number")
+        if not 0 < top_p <= 1:
+            raise VlmpruneError(f"top-p {top_p} is outside (0, 1]", "give e.g. --top-p 0.9")
+        if temperature < 0:
+            raise VlmpruneError(f"temperature {temperature} is negative", "use 0 for greedy or a positive value")
+        if bucket is None:
+            bucket, _ = self.choose_bucket(keep)
+        self.prepare(bucket)
+        start = time.perf_counter()
+        t = Timings()
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        pixels = self.preprocess(image)
+        t.preprocess_ms = (time.perf_counter() - start) * 1e3
+        ids = self.prompt.encode(prompt)
+        k = bucket["k"]
+        prompt_len = len(ids) - 1 + k
+        max_ctx = self.decoder_spec["max_context"]
+        if prompt_len >= max_ctx:
+            raise VlmpruneError(
+                f"the prompt is {prompt_len} tokens ({len(ids) - 1} text + {k} image), which fills the model's "
+                f"context of {max_ctx}",
+                "shorten the prompt or use a bucket with fewer visual tokens (--keep)",
+            )
+        t0 = time.perf_counter()
+        image_embeds, kept, text_ms = self.vision(pixels, bucket, prompt)
+        t.text_encoder_ms = text_ms
+        t.vision_ms = (time.perf_counter() - t0) * 1e3 - text_ms
+        embeds, positions, next_pos = stitch(ids, self.prompt.image_token_id, self.table, image_embeds, kept,
+                                             self.num_patches, self.positions)
+        budget = min(max_new_tokens, max_ctx - next_pos)
+        rng = np.random.default_rng(seed)
+        eos = self.decoder_spec.get("eos_token_id")
+        self.decoder.reset()
+        t0 = time.perf_counter()
+        logits = self.decoder.step(embeds, positions)
+        t.prefill_ms = (time.perf_counter() - t0) * 1e3
+        generated: list[int] = []
+        emitted = ""
+        stop = "length" if budget == max_new_tokens else "context"
+        t_first = None
+        while True:
+            token = next_token(logits, temperature, top_p, rng)
+            if t_first is None:
+                t_first = time.perf_counter()
+                t.ttft_ms = (t_first - start) * 1e3
+            if token == eos and not ignore_eos:
+                stop = "eos"
+                break
+            generated.append(token)
+            if on_text is not None:
+                text = self.prompt.decode(generated)
+                if len(text) > len(emitted) and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+                    on_text(text[len(emitted):])
+                    emitted = text
+            if len(generated) >= budget:
+                break
+            step_embeds = self.table[[token]][None]
+            logits = self.decoder.step(step_embeds, np.asarray([[next_pos]], np.int64))
+            next_pos += 1
+        end = time.perf_counter()
+        t.total_ms = (end - start) * 1e3
+        steps_after_first = max(0, len(generated) - 1) if stop != "eos" else len(generated)
+        t.tpot_ms = (end - t_first) * 1e3 / steps_after_first if steps_after_first else 0.0
+        text = self.prompt.decode(generated)
+        if on_text is not None and len(text) > len(emitted):
+            on_text(text[len(emitted):])
+        return Result(
+            text=text,
+            token_ids=generated,
+            bucket=bucket["name"],
+            keep=bucket["keep"],
+            visual_tokens_kept=k,
+            visual_tokens_total=self.num_patches,
+            prompt_tokens=prompt_len,
+            tokens_generated=len(generated),
+            stop_reason=stop,
+            kept_indices=kept[0].tolist(),
+            timings=t,
+        )

@@ -1,0 +1,139 @@
+"""Image loading and preprocessing with numpy + Pillow, from the manifest's constants.
+
+Mirrors the ``transformers`` CLIP image processor: RGB conversion (transparent images composited on white),
+resize of the shortest edge with the processor's filter (the long edge truncated as transformers does), center
+crop, rescale, normalise. Odd inputs are handled explicitly: 16-bit images are scaled to 8 bits rather than
+clipped, palette and grayscale images are expanded, and huge or corrupt files get a clear error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from vlmprune.errors import VlmpruneError
+
+MAX_PIXELS = 100_000_000  # 100 MP: larger inputs are refused before decoding
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image file, refusing missing, corrupt or oversized ones with one clear line."""
+    path = Path(path)
+    if not path.exists():
+        raise VlmpruneError(f"image {path} does not exist", "check the path")
+    if path.is_dir():
+        raise VlmpruneError(f"image {path} is a folder", "pass an image file")
+    try:
+        # Our own limit replaces Pillow's bomb check while the header is read, so the message can name the size.
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(path)  # lazy: reads the header only
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+        w, h = image.size
+        if w * h > max_pixels:
+            raise VlmpruneError(
+                f"image {path} is {w}x{h} ({w * h / 1e6:.0f} MP), over the {max_pixels / 1e6:.0f} MP limit",
+                "downscale it first (the model sees 336x336 anyway)",
+            )
+        image.load()
+    except VlmpruneError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise VlmpruneError(f"image {path} is too large to decode safely ({exc})", "downscale it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise VlmpruneError(f"cannot read image {path}: corrupt or not a supported format ({exc})",
+                            "pass a valid PNG, JPEG, WebP, BMP or TIFF file") from None
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB uint8 from any Pillow mode.
+
+    16-bit and 32-bit integer images (``I;16*``, ``I``) are scaled by their bit depth to 8 bits (Pillow's own
+    conversion clips them to 255, which turns most 16-bit photos white). Images with transparency are composited
+    on white, as transformers does.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        arr = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if image.mode.startswith("I;16") or arr.max() <= 65535 else 16843009.0
+        return Image.fromarray(np.clip(np.round(arr / scale), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        arr = arr * 255.0 if arr.max() <= 1.0 else arr
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "P", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_shortest_edge(image: Image.Image, shortest: int, resample: str) -> Image.Image:
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = shortest, int(shortest * long / short)  # truncation, as transformers
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) == (w, h):
+        return image
+    return image.resize((new_w, new_h), _FILTERS[resample])
+
+
+def center_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``arr`` [H, W, C]; pads with zeros where the image is smaller than the crop (as transformers)."""
+    h, w = arr.shape[:2]
+    if h < height or w < width:
+        padded = np.zeros((max(h, height), max(w, width), arr.shape[2]), arr.dtype)
+        top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
+        padded[top : top + h, left : left + w] = arr
+        arr, h, w = padded, padded.shape[0], padded.shape[1]
+    top, left = (h - height) // 2, (w - width) // 2
+    return arr[top : top + height, left : left + width]
+
+
+class Preprocessor:
+    """``image -> pixel_values [1, 3, H, W] float32`` from the manifest's ``preprocessing`` block."""
+
+    def __init__(self, constants: dict):
+        self.c = constants
+        if constants["resample"] not in _FILTERS:
+            raise VlmpruneError(f"unknown resample filter {constants['resample']!r} in the manifest", "re-export")
+        self.mean = np.asarray(constants["mean"], np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(constants["std"], np.float32).reshape(3, 1, 1)
+
+    def crop_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The region of the original image (left, top, right, bottom, in its pixels) that the model sees."""
+        w, h = size
+        s = self.c["resize_shortest_edge"] / min(w, h) if self.c["do_resize"] else 1.0
+        rw, rh = (w * s, h * s)
+        ch, cw = self.c["crop_size"]
+        left, top = max(0, (rw - cw) // 2), max(0, (rh - ch) // 2)
+        return left / s, top / s, (left + min(cw, rw)) / s, (top + min(ch, rh)) / s
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        c = self.c
+        if c.get("do_convert_rgb", True) or image.mode != "RGB":
+            image = to_rgb(image)
+        if c["do_resize"]:
+            image = resize_shortest_edge(image, c["resize_shortest_edge"], c["resample"])
+        arr = np.asarray(image)
+        if c["do_center_crop"]:
+            arr = center_crop(arr, *c["crop_size"])
+        x = arr.astype(np.float32).transpose(2, 0, 1)
+        if c["do_rescale"]:
+            x = x * np.float32(c["rescale_factor"])
+        if c["do_normalize"]:
+            x = (x - self.mean) / self.std
+        return np.ascontiguousarray(x[None], dtype=np.float32)
