@@ -137,9 +137,10 @@ class LlavaAdapter(VLMAdapter):
         attn = layer.self_attn
         x = layer.layer_norm1(hidden)
         b, t, _ = x.shape
-        heads, dim = self.vision.num_heads, self.vision.head_dim
-        q = attn.q_proj(x).view(b, t, heads, dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, t, heads, dim).transpose(1, 2)
+        dim = self.vision.head_dim
+        # The same view/transpose as CLIPAttention, so graph optimisers can share these with the encoder's own.
+        q = attn.q_proj(x).view(b, t, -1, dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, -1, dim).transpose(1, 2)
         return q, k, float(attn.scale)
 
     def select_patches(self, features: Tensor) -> Tensor:

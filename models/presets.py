@@ -52,6 +52,23 @@ PRESETS: dict[str, PresetSpec] = {
         text_intermediate=256,
         max_context=1024,
     ),
+    # Widths chosen so that, as in LLaVA-1.5-7B (ViT-L/336 + 7B decoder), the vision encoder is ~5 % of the unpruned
+    # time to first token on ONNX Runtime CPU; small enough for a full prune-bench sweep in minutes on 2 cores.
+    "bench-llava": PresetSpec(
+        name="bench-llava",
+        description="LLaVA-1.5 geometry with vision/decoder cost in LLaVA-1.5-7B proportions, for prune-bench",
+        vision_hidden=128,
+        vision_layers=4,
+        vision_heads=4,
+        vision_intermediate=512,
+        text_hidden=512,
+        text_layers=7,
+        text_heads=8,
+        text_kv_heads=8,
+        text_intermediate=1408,
+        max_context=2048,
+        seed=1,
+    ),
 }
 
 

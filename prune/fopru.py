@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import PruneModule
-from .context import ScoreContext, head_mean_attention
+from .context import ScoreContext
 from .select import ascending_from_mask, rank_desc, topk_ascending, unbiased_var
 
 STRATEGIES = ("rank", "row")
@@ -41,7 +41,7 @@ def scores_from_qk(q: Tensor, k: Tensor, scale: float, has_cls: bool = True, sco
     ``q_i . k_j`` over keys is ``q_i . mean(k)``, and over queries ``mean(q) . k_j``, so no N x N matrix.
     """
     if scores == "probs":
-        return scores_from_attention(head_mean_attention(q, k, scale), has_cls)
+        return _scores_from_probs(q, k, scale, has_cls)
     q = q.float()
     k = k.float()
     if has_cls:
@@ -51,6 +51,28 @@ def scores_from_qk(q: Tensor, k: Tensor, scale: float, has_cls: bool = True, sco
     q_mean = q.mean(2, keepdim=True)
     s1 = torch.matmul(q, k_mean.transpose(-1, -2)).squeeze(-1).mean(1) * scale  # [B, N]
     s2 = torch.matmul(q_mean, k.transpose(-1, -2)).squeeze(-2).mean(1) * scale  # [B, N]
+    return significance(s1, s2)
+
+
+def _scores_from_probs(q: Tensor, k: Tensor, scale: float, has_cls: bool) -> Tensor:
+    """The ``probs`` significance without materialising the head-averaged map or slicing it.
+
+    Both means are linear, so they are taken per head and then averaged over heads, as products with constant
+    vectors: 1/N on the patches and 0 on CLS (dropping the CLS row and column without renormalising). The
+    strided head reduction and slice copies of the [H, T, T] map this replaces cost as much as QK^T on CPU.
+    The probabilities are formed with the same op sequence as the encoder's own eager attention
+    (``matmul(q, k^T) * scale``, fp32 softmax) so that a graph optimiser's common-subexpression pass can share
+    them with the scoring layer instead of computing them twice.
+    """
+    t = q.shape[2]
+    n = t - 1 if has_cls else t
+    probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * scale, dim=-1, dtype=torch.float32)  # [B, H, T, T]
+    weights = torch.full((t,), 1.0 / n, dtype=torch.float32, device=probs.device)
+    if has_cls:
+        weights[0] = 0.0
+    offset = 1 if has_cls else 0
+    s1 = torch.matmul(probs, weights.unsqueeze(-1)).squeeze(-1)[..., offset:].mean(1)  # [B, N] mean over patch keys
+    s2 = torch.matmul(weights.unsqueeze(0), probs).squeeze(-2)[..., offset:].mean(1)  # [B, N] mean over patch queries
     return significance(s1, s2)
 
 
