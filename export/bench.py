@@ -318,12 +318,13 @@ def plots(report: dict, out: Path) -> list[Path]:
     rows = report["rows"]
     written = []
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        color = f"C{i}"
         pts = sorted((r["keep"], r["ttft_ms"]) for r in rows if r["method"] == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} (runtime)")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=f"{method} (runtime)")
         hf = sorted((r["keep"], r["transformers_ttft_ms"]) for r in rows if r["method"] == method and "transformers_ttft_ms" in r)
         if hf:
-            ax.plot([p[0] for p in hf], [p[1] for p in hf], marker="x", linestyle="--", alpha=0.6,
+            ax.plot([p[0] for p in hf], [p[1] for p in hf], marker="x", linestyle="--", alpha=0.6, color=color,
                     label=f"{method} (transformers eager)")
     ax.set_xlabel("keep ratio")
     ax.set_ylabel("time to first token (ms)")
