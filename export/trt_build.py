@@ -1,0 +1,329 @@
+"""``prune-build``: TensorRT engines for a bundle, one per bucket (and the text encoder, optionally the decoder).
+
+Two ways to build, same settings: ``--via trtexec`` (command lines, printable with ``--dry-run``) and ``--via api``
+(the TensorRT Python API). Precision per target follows ``specs/tensorrt.md``:
+- weakly typed targets (8.5, 8.6, 10.x): ``--fp16``/``--int8``/``--best`` with the pruning subgraph and every
+  LayerNorm pinned to fp32 by layer precision constraints;
+- TensorRT 11 (and 10.12+): the weak flags are gone; only ``--stronglyTyped`` builds of an ONNX whose own dtypes
+  say what runs in which precision (fp32 bundles, or the Q/DQ graph from ``prune-calibrate``).
+Engine metadata (TensorRT version, GPU, compute capability, precision) goes into the manifest; the runtime refuses
+an engine built for another TensorRT version or GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmprune.bundle import checksums, load_manifest, write_manifest
+from vlmprune.cli_common import main_wrapper
+from vlmprune.errors import VlmpruneError
+
+from .targets import TARGETS, Target, get_target
+
+PRECISIONS = ("fp32", "fp16", "int8", "best")
+# Layers kept in fp32: the pruning subgraph (module scope /method/), every LayerNorm (CLIP's pre-norm is spelled
+# "pre_layrnorm"), and the softmax/reductions that feed top-k. Matched on ONNX node names, which TensorRT's parser
+# uses as layer names.
+_PIN = re.compile(r"(^|/)method/|layer_?norm|layrnorm|LayerNormalization", re.IGNORECASE)
+
+
+@dataclass
+class EngineJob:
+    name: str  # bucket name, "text_encoder" or "decoder"
+    onnx: Path
+    engine: Path
+    pinned: list[str] = field(default_factory=list)
+    shapes: dict[str, str] = field(default_factory=dict)  # min/opt/max for dynamic inputs
+    calib_cache: Path | None = None
+
+
+def pinned_layers(onnx_path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return [n.name for n in model.graph.node if n.name and (_PIN.search(n.name) or n.op_type == "LayerNormalization")]
+
+
+def decoder_shapes(manifest: dict) -> dict[str, str]:
+    """Optimisation profile from the manifest: S in [1, C], P in [0, C - 1], P + S <= C (C = max context)."""
+    d = manifest["decoder"]
+    c, h, dh, hid = d["max_context"], d["num_kv_heads"], d["head_dim"], d["hidden_size"]
+    opt_p = min(c - 1, 1024)
+
+    def spec(s, p):
+        parts = [f"inputs_embeds:1x{s}x{hid}", f"attention_mask:1x{p + s}", f"position_ids:1x{s}"]
+        for i in range(d["num_layers"]):
+            parts += [f"past_key_values.{i}.key:1x{h}x{p}x{dh}", f"past_key_values.{i}.value:1x{h}x{p}x{dh}"]
+        return ",".join(parts)
+
+    return {"min": spec(1, 0), "opt": spec(1, opt_p), "max": spec(1, c - 1), "max_prefill": spec(c, 0)}
+
+
+def plan_jobs(bundle: Path, manifest: dict, target: Target, precision: str, decoder: bool) -> list[EngineJob]:
+    out_dir = bundle / "engines" / f"{target.name}-{precision}"
+    jobs = []
+    for b in manifest["vision"]["buckets"]:
+        job = EngineJob(b["name"], bundle / b["file"], out_dir / f"{b['name']}.engine", pinned_layers(bundle / b["file"]))
+        if precision == "int8":
+            qdq = _qdq_path(bundle, b)
+            # TensorRT 11 takes only explicit (Q/DQ) quantisation; 8.x only calibration caches; 10.x either
+            if target.trt_version >= (11, 0) or (target.trt_version >= (10, 0) and qdq.exists()):
+                job.onnx = qdq
+            else:
+                job.calib_cache = bundle / "calib" / f"{b['name']}.cache"
+        jobs.append(job)
+    if manifest.get("text_encoder"):
+        te = manifest["text_encoder"]
+        jobs.append(EngineJob("text_encoder", bundle / te["file"], out_dir / "text_encoder.engine",
+                              shapes={"min": "input_ids:1x1", "opt": "input_ids:1x16", "max": f"input_ids:1x{te['max_length']}"}))
+    if decoder:
+        shapes = decoder_shapes(manifest)
+        # one profile covering prefill (S up to C) and decode (P up to C - 1): min/opt from decode, max = both maxima
+        max_spec = _merge_max(shapes["max"], shapes["max_prefill"])
+        jobs.append(EngineJob("decoder", bundle / manifest["decoder"]["file"], out_dir / "decoder.engine",
+                              shapes={"min": shapes["min"], "opt": shapes["opt"], "max": max_spec}))
+    return jobs
+
+
+def _merge_max(a: str, b: str) -> str:
+    def parse(spec):
+        return {k: [int(x) for x in v.split("x")] for k, v in (p.split(":") for p in spec.split(","))}
+
+    pa, pb = parse(a), parse(b)
+    return ",".join(f"{k}:{'x'.join(str(max(x, y)) for x, y in zip(pa[k], pb[k]))}" for k in pa)
+
+
+def _qdq_path(bundle: Path, bucket: dict) -> Path:
+    return bundle / "qdq" / bucket["file"].replace(".onnx", ".qdq.onnx")
+
+
+def trtexec_command(job: EngineJob, target: Target, precision: str, workspace_mib: int,
+                    timing_cache: Path | None = None, trtexec: str = "trtexec") -> list[str]:
+    """The exact trtexec argv for one engine on one target."""
+    strongly_typed = target.trt_version >= (11, 0)
+    if strongly_typed and precision in ("fp16", "best"):
+        raise VlmpruneError(
+            f"{target.name} has no weakly typed --{precision}: it builds strongly typed networks only",
+            "build fp32 or int8 (Q/DQ from prune-calibrate) for trt11, or target trt10 for an fp16 engine",
+        )
+    cmd = [trtexec, f"--onnx={job.onnx}", f"--saveEngine={job.engine}", f"--memPoolSize=workspace:{workspace_mib}"]
+    cmd.append("--buildOnly" if target.trt_version < (8, 6) else "--skipInference")
+    if timing_cache is not None:
+        cmd.append(f"--timingCacheFile={timing_cache}")
+    if job.shapes:
+        cmd += [f"--minShapes={job.shapes['min']}", f"--optShapes={job.shapes['opt']}", f"--maxShapes={job.shapes['max']}"]
+    if strongly_typed:
+        cmd.append("--stronglyTyped")
+    elif precision == "fp16":
+        cmd.append("--fp16")
+    elif precision == "int8":
+        cmd += ["--int8", "--fp16"]
+        if job.calib_cache is not None:
+            cmd.append(f"--calib={job.calib_cache}")
+    elif precision == "best":
+        cmd.append("--best")
+    if precision == "fp32":
+        cmd.append("--noTF32")  # Ampere/Orin run fp32 in TF32 by default; parity needs true fp32
+    if job.pinned and not strongly_typed and precision != "fp32":
+        pins = ",".join(f"{name}:fp32" for name in job.pinned)
+        cmd += ["--precisionConstraints=obey", f"--layerPrecisions={pins}", f"--layerOutputTypes={pins}"]
+    return cmd
+
+
+# --- building ------------------------------------------------------------------------------------------------------
+
+
+def _gpu_from_trtexec_log(text: str) -> dict:
+    from vlmprune.runtime.trtexec_log import parse
+
+    s = parse(text)
+    cc = re.search(r"Compute Capability:\s*([\d.]+)", text)
+    return {"trt_version": s.trt_version, "gpu": s.device, "compute_capability": cc.group(1) if cc else None}
+
+
+def build_with_trtexec(job: EngineJob, cmd: list[str], log_dir: Path) -> dict:
+    if shutil.which(cmd[0]) is None:
+        raise VlmpruneError(f"{cmd[0]} was not found on PATH",
+                            "install TensorRT (on Jetson: /usr/src/tensorrt/bin) or use --dry-run to print the commands")
+    job.engine.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    (log_dir / f"{job.name}.build.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["(no output)"]
+        raise VlmpruneError(f"trtexec failed for {job.name}: {tail[0][:200]}", f"see {log_dir / (job.name + '.build.log')}")
+    return _gpu_from_trtexec_log(done.stdout)
+
+
+def build_with_api(job: EngineJob, target: Target, precision: str, workspace_mib: int,
+                   timing_cache: Path | None) -> dict:  # pragma: no cover - needs TensorRT and a GPU
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise VlmpruneError("the TensorRT Python package is not installed",
+                            "pip install '.[trt]' on the device, or use --via trtexec / --dry-run") from None
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 10:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    strongly_typed = target.trt_version >= (11, 0)
+    if strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(job.onnx)):  # reads the external weights next to the file
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise VlmpruneError(f"TensorRT cannot parse {job.onnx.name}: {errors[:300]}", "check the lint in the manifest")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
+    elif not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+        if precision in ("int8", "best"):
+            config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        pinned = set(job.pinned)
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.name in pinned:
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
+        if precision == "int8" and job.calib_cache is not None:
+            from polygraphy.backend.trt import Calibrator
+
+            config.int8_calibrator = Calibrator(data_loader=[], cache=str(job.calib_cache))  # reads the cache only
+    if job.shapes:
+        profile = builder.create_optimization_profile()
+        specs = {k: dict(p.split(":") for p in v.split(",")) for k, v in job.shapes.items()}
+        for name in specs["min"]:
+            dims = [tuple(int(x) for x in specs[k][name].split("x")) for k in ("min", "opt", "max")]
+            profile.set_shape(name, *dims)
+        config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise VlmpruneError(f"TensorRT could not build {job.name}", "rerun with a larger --workspace or see the log")
+    job.engine.parent.mkdir(parents=True, exist_ok=True)
+    job.engine.write_bytes(bytes(serialized))
+    if timing_cache:
+        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    from vlmprune.runtime.trt_backend import current_device
+
+    return {"trt_version": trt.__version__, **current_device()}
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="prune-build", description="Build TensorRT engines for a vlmprune bundle.")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS)
+    p.add_argument("--target", default="trt10", help=f"one of {', '.join(TARGETS)}, a comma list, or 'all' (dry run)")
+    p.add_argument("--workspace", type=int, default=2048, help="builder workspace in MiB (Orin Nano: keep <= 2048)")
+    p.add_argument("--timing-cache", type=Path, help="timing cache file, reused across builds")
+    p.add_argument("--via", default="trtexec", choices=["trtexec", "api"])
+    p.add_argument("--decoder", action="store_true", help="also build the decoder (optimisation profile from the manifest)")
+    p.add_argument("--trtexec", default="trtexec", help="trtexec executable")
+    p.add_argument("--dry-run", action="store_true", help="print the trtexec command lines and build nothing")
+    return p
+
+
+@main_wrapper("prune-build")
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    bundle = args.bundle
+    manifest = load_manifest(bundle)
+    names = list(TARGETS) if args.target == "all" else [t.strip() for t in args.target.split(",") if t.strip()]
+    targets = [get_target(n) for n in names]
+    if args.workspace < 64:
+        raise VlmpruneError(f"--workspace {args.workspace} MiB is too small", "give at least 64 MiB")
+    if not args.dry_run and len(targets) != 1:
+        raise VlmpruneError("build one target at a time (engines are tied to the TensorRT on this machine)",
+                            "pass a single --target; several or 'all' work with --dry-run")
+    for target in targets:
+        try:
+            _check_lint(manifest, target)
+        except VlmpruneError as exc:
+            if not args.dry_run:
+                raise
+            print(f"# {target.name}: skipped, {exc}")
+            continue
+        jobs = plan_jobs(bundle, manifest, target, args.precision, args.decoder)
+        _check_inputs(jobs, args.precision, target, dry_run=args.dry_run)
+        if args.dry_run:
+            try:
+                lines = [shlex.join(trtexec_command(job, target, args.precision, args.workspace, args.timing_cache,
+                                                    args.trtexec)) for job in jobs]
+            except VlmpruneError as exc:
+                print(f"# {target.name}: skipped, {exc}")
+                continue
+            print(f"# {target.name} ({target.jetpack or 'x86/dGPU'}), precision {args.precision}")
+            print("\n".join(lines))
+            continue
+        _build(bundle, manifest, jobs, target, args)
+    return 0
+
+
+def _check_lint(manifest: dict, target: Target) -> None:
+    for graph, per_target in manifest.get("lint", {}).items():
+        entry = per_target.get(target.name)
+        if entry is not None and not entry["ok"]:
+            rule = next(f["rule"] for f in entry["findings"] if f["level"] == "error")
+            raise VlmpruneError(f"{graph} fails the {target.name} lint ({rule})",
+                                f"re-export with `prune-export --target {target.name}`")
+
+
+def _check_inputs(jobs: list[EngineJob], precision: str, target: Target, dry_run: bool) -> None:
+    if precision != "int8" or dry_run:
+        return
+    for job in jobs:
+        if job.name in ("decoder", "text_encoder"):
+            continue
+        missing = job.calib_cache if job.calib_cache is not None else job.onnx
+        if not missing.exists():
+            raise VlmpruneError(f"INT8 for {target.name} needs {missing.relative_to(missing.parents[1])}",
+                                "run `prune-calibrate BUNDLE --images DIR` first")
+
+
+def _build(bundle: Path, manifest: dict, jobs: list[EngineJob], target: Target, args) -> None:  # pragma: no cover
+    final = jobs[0].engine.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=bundle))
+    try:
+        entries = {}
+        for n, job in enumerate(jobs, 1):
+            job.engine = tmp / job.engine.name
+            print(f"[{n}/{len(jobs)}] building {job.name} ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            if args.via == "trtexec":
+                meta = build_with_trtexec(job, trtexec_command(job, target, args.precision, args.workspace,
+                                                               args.timing_cache, args.trtexec), tmp)
+            else:
+                meta = build_with_api(job, target, args.precision, args.workspace, args.timing_cache)
+            print(f"[{n}/{len(jobs)}] {job.name} built in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+            entries[job.name] = f"engines/{final.name}/{job.engine.name}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    engines = manifest.setdefault("engines", {})
+    engines[final.name] = {"target": target.name, "precision": args.precision, "files": entries, **meta}
+    manifest["files"] = checksums(bundle)
+    tmp_manifest = bundle / ".manifest.json.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp_manifest, bundle / "manifest.json")
+    print(f"engines in {final} (TensorRT {meta.get('trt_version')}, {meta.get('gpu')})")

@@ -1,0 +1,121 @@
+"""prune-build on CPU: the trtexec command lines per target and precision, pinned layers, decoder profiles, and the
+runtime's refusal of engines from another TensorRT or GPU. Building itself needs TensorRT (skipped below)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from vlmprune.errors import VlmpruneError
+from vlmprune.export.exporter import ExportRequest, export_bundle
+from vlmprune.export.progress import Steps
+from vlmprune.export.targets import TARGETS
+from vlmprune.export.trt_build import main as build_main, pinned_layers, plan_jobs, trtexec_command
+from vlmprune.runtime.trt_backend import check_engine_compat
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trt")
+    return {
+        "trt10": export_bundle(ExportRequest(method="gridprune", keeps=[0.25], out=root / "b10", validate=False),
+                               Steps(quiet=True)),
+        "trt8.5": export_bundle(ExportRequest(method="fopru", keeps=[0.25], out=root / "b85", target="trt8.5",
+                                              validate=False), Steps(quiet=True)),
+    }
+
+
+def commands(bundle, target, precision, decoder=False):
+    jobs = plan_jobs(bundle.path, bundle.manifest, TARGETS[target], precision, decoder)
+    return {j.name: trtexec_command(j, TARGETS[target], precision, 1024) for j in jobs}
+
+
+def test_pinned_layers_cover_the_pruning_subgraph_and_layernorms(bundles):
+    b = bundles["trt10"]
+    bucket = next(x for x in b.manifest["vision"]["buckets"] if x["method"] == "gridprune")
+    pins = pinned_layers(b.path / bucket["file"])
+    assert any(p.startswith("/method/") for p in pins)
+    assert any("TopK" in p for p in pins)
+    assert sum("LayerNormalization" in p for p in pins) >= 7  # pre-norm + 2 per layer run
+    none_pins = pinned_layers(b.path / "vision_none_k576.onnx")
+    assert not any("TopK" in p for p in none_pins)  # the unpruned graph has no selection to protect
+
+
+def test_fp16_on_weakly_typed_targets(bundles):
+    cmds = commands(bundles["trt10"], "trt10", "fp16")
+    cmd = cmds["gridprune-k144"]
+    assert cmd[0] == "trtexec" and "--fp16" in cmd and "--skipInference" in cmd
+    assert "--memPoolSize=workspace:1024" in cmd and "--precisionConstraints=obey" in cmd
+    pins = next(a for a in cmd if a.startswith("--layerPrecisions="))
+    assert "/method/" in pins and pins.count(":fp32") > 50
+    assert any(a.startswith("--layerOutputTypes=") for a in cmd)
+    text = cmds["text_encoder"]
+    assert {"--minShapes=input_ids:1x1", "--optShapes=input_ids:1x16", "--maxShapes=input_ids:1x77"} <= set(text)
+
+
+def test_trt85_uses_build_only_and_the_calibration_cache(bundles):
+    cmds = commands(bundles["trt8.5"], "trt8.5", "int8")
+    cmd = cmds["fopru-k144"]
+    assert "--buildOnly" in cmd and "--skipInference" not in cmd
+    assert "--int8" in cmd and any(a.endswith("calib/fopru-k144.cache") for a in cmd if a.startswith("--calib="))
+
+
+def test_fp32_disables_tf32_and_pins_nothing(bundles):
+    cmd = commands(bundles["trt10"], "trt10", "fp32")["gridprune-k144"]
+    assert "--noTF32" in cmd and not any(a.startswith("--layerPrecisions") for a in cmd) and "--fp16" not in cmd
+
+
+def test_trt11_is_strongly_typed_only(bundles):
+    cmds = commands(bundles["trt10"], "trt11", "int8")
+    assert "--stronglyTyped" in cmds["gridprune-k144"] and "--int8" not in cmds["gridprune-k144"]
+    assert cmds["gridprune-k144"][1].endswith("qdq/vision_gridprune_k144.qdq.onnx")
+    with pytest.raises(VlmpruneError, match="trt11 has no weakly typed --fp16"):
+        commands(bundles["trt10"], "trt11", "fp16")
+
+
+def test_decoder_profile_spans_prefill_and_decode(bundles):
+    cmd = commands(bundles["trt10"], "trt10", "fp16", decoder=True)["decoder"]
+    mins = next(a for a in cmd if a.startswith("--minShapes="))
+    maxs = next(a for a in cmd if a.startswith("--maxShapes="))
+    assert "past_key_values.0.key:1x2x0x32" in mins and "inputs_embeds:1x1x128" in mins
+    assert "inputs_embeds:1x1024x128" in maxs and "past_key_values.1.value:1x2x1023x32" in maxs
+    assert "attention_mask:1x1024" in maxs
+
+
+def test_dry_run_for_every_target(bundles, capsys):
+    assert build_main.run([str(bundles["trt10"].path), "--dry-run", "--target", "all", "--precision", "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "# trt8.5: skipped" in out and "re-export with `prune-export --target trt8.5`" in out
+    assert "# trt8.6 (JetPack 6.0), precision fp16" in out and "# trt10 (JetPack 6.1/6.2)" in out
+    assert "# trt11: skipped" in out
+    assert out.count("trtexec --onnx=") == 2 * 3  # 2 buckets + text encoder, on trt8.6 and trt10
+    assert build_main.run([str(bundles["trt8.5"].path), "--dry-run", "--target", "trt8.5"]) == 0
+    assert "--buildOnly" in capsys.readouterr().out
+
+
+def test_real_build_refuses_missing_calibration_and_several_targets(bundles, capsys):
+    assert build_main.run([str(bundles["trt8.5"].path), "--target", "trt8.5", "--precision", "int8"]) == 2
+    assert "run `prune-calibrate BUNDLE --images DIR` first" in capsys.readouterr().err
+    assert build_main.run([str(bundles["trt10"].path), "--target", "trt8.6,trt10"]) == 2
+    assert "build one target at a time" in capsys.readouterr().err
+
+
+def test_engine_from_another_tensorrt_or_gpu_is_refused():
+    meta = {"trt_version": "10.3.0.30", "gpu": "Orin", "compute_capability": "8.7"}
+    check_engine_compat(meta, "10.3.0.26", "Orin", "8.7")  # same 10.3.0 release
+    with pytest.raises(VlmpruneError, match="built with TensorRT 10.3.0; this machine has TensorRT 8.6.2"):
+        check_engine_compat(meta, "8.6.2", "Orin", "8.7")
+    with pytest.raises(VlmpruneError, match=r"built for Orin \(compute 8.7\); this machine has NVIDIA A100"):
+        check_engine_compat(meta, "10.3.0", "NVIDIA A100", "8.0")
+
+
+@pytest.mark.tensorrt
+def test_build_and_run_an_engine(bundles):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installable on this machine (no GPU, PyPI stubs only)")
+    if shutil.which("trtexec") is None:
+        pytest.skip("trtexec (TensorRT) is not installed on this machine")
+    assert build_main.run([str(bundles["trt10"].path), "--target", "trt10", "--precision", "fp32"]) == 0
+    manifest = json.loads((bundles["trt10"].path / "manifest.json").read_text())
+    assert "trt10-fp32" in manifest["engines"]
