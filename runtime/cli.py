@@ -24,6 +24,7 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="position ids of the kept image tokens")
     p.add_argument("--provider", help="ONNX Runtime provider (default: TensorRT, CUDA, CPU, whichever is present)")
     p.add_argument("--threads", type=int, help="intra-op threads")
+    p.add_argument("--engines", help="run the vision graphs on TensorRT engines from prune-build, e.g. trt10-fp16")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -46,7 +47,8 @@ def run_main(argv=None):
     from .pipeline import Pipeline
 
     image = _image(args.image)
-    pipe = Pipeline(args.bundle, provider=args.provider, threads=args.threads, positions=args.positions)
+    pipe = Pipeline(args.bundle, provider=args.provider, threads=args.threads, positions=args.positions,
+                    engines=args.engines)
     bucket, message = pipe.choose_bucket(args.keep)
     if not args.json:
         print(message, file=sys.stderr)

@@ -60,7 +60,7 @@ class Result:
 
 class Pipeline:
     def __init__(self, bundle: str | Path, *, provider: str | None = None, threads: int | None = None,
-                 positions: str = "contiguous", verify: bool = True):
+                 positions: str = "contiguous", verify: bool = True, engines: str | None = None):
         self.folder = Path(bundle)
         self.manifest = load_manifest(self.folder, verify=verify)
         if positions not in POSITION_MODES:
@@ -79,6 +79,13 @@ class Pipeline:
         self.decoder = OrtDecoder(self._backend(m["decoder"]["file"]), m["decoder"])
         self.num_patches = m["vision"]["view"]["num_patches"]
         self._vision: dict[str, OrtBackend] = {}
+        self.engines = None
+        if engines is not None:  # TensorRT engines from prune-build for the vision graphs
+            built = m.get("engines") or {}
+            if engines not in built:
+                raise VlmpruneError(f"the bundle has no engines {engines!r}",
+                                    f"build them with prune-build; available: {', '.join(built) or 'none'}")
+            self.engines = built[engines]
         self._text = None
         if m["text_encoder"]:
             from tokenizers import Tokenizer
@@ -90,7 +97,13 @@ class Pipeline:
 
     def vision_backend(self, bucket: dict) -> OrtBackend:
         if bucket["name"] not in self._vision:  # one bucket's session at a time is what an edge box can afford
-            self._vision[bucket["name"]] = self._backend(bucket["file"])
+            if self.engines is not None:
+                from .trt_backend import TrtBackend
+
+                self._vision[bucket["name"]] = TrtBackend(self.folder / self.engines["files"][bucket["name"]],
+                                                          self.engines)
+            else:
+                self._vision[bucket["name"]] = self._backend(bucket["file"])
         return self._vision[bucket["name"]]
 
     def prepare(self, bucket: dict) -> None:

@@ -1,0 +1,57 @@
+"""Calibration data: images preprocessed exactly as the runtime does (the manifest's constants), plus prompt
+embeddings for text-guided buckets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlmprune.errors import VlmpruneError
+from vlmprune.runtime.preprocess import Preprocessor, load_image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# Generic VQA-style prompts to pair with the images for GridPrune's text input.
+PROMPTS = [
+    "What is in the image?", "Describe the picture in detail.", "What color is the main object?",
+    "How many people are there?", "Where is the car?", "What is written on the sign?",
+    "Is there an animal in the picture?", "What is the person holding?",
+]
+
+
+def load_calibration_images(folder: Path, preprocessing: dict, num: int, progress=None) -> tuple[np.ndarray, int]:
+    """``[n, 3, H, W]`` float32 from up to ``num`` images of ``folder`` (sorted, recursive) and how many were skipped
+    as unreadable."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VlmpruneError(f"calibration folder {folder} does not exist", "pass --images DIR with a few hundred photos")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise VlmpruneError(f"no images in {folder}", f"it needs files ending in {', '.join(sorted(IMAGE_SUFFIXES))}")
+    pre = Preprocessor(preprocessing)
+    batches, skipped = [], 0
+    iterator = progress(files, desc="preprocess", unit="img") if progress else files
+    for path in iterator:
+        if len(batches) >= num:
+            break
+        try:
+            batches.append(pre(load_image(path)))
+        except VlmpruneError:
+            skipped += 1
+    if not batches:
+        raise VlmpruneError(f"none of the {len(files)} images in {folder} could be read", "check the files")
+    return np.concatenate(batches), skipped
+
+
+class FeedReader:
+    """An ONNX Runtime ``CalibrationDataReader`` over prepared feeds (also the shape ModelOpt takes as a dict)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds = feeds
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self.feeds)

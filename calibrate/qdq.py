@@ -1,0 +1,105 @@
+"""Explicit quantisation (Q/DQ ONNX) of a vision bucket, for TensorRT 10.1+/11 strongly typed INT8 builds.
+
+NVIDIA ModelOpt's ONNX PTQ is used when it is installed (it calibrates on CPU). Its ONNX extra pins
+onnxruntime-gpu and CUDA wheels, so where it is absent the same Q/DQ form is produced with ONNX Runtime's static
+quantiser (symmetric INT8, per-channel weights), which TensorRT also consumes. Either way only MatMul/Gemm/Conv are
+quantised: the pruning subgraph, every LayerNorm and the attention softmax stay in floating point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlmprune.errors import VlmpruneError
+
+ALGOS = ("entropy", "minmax", "percentile")
+
+
+def excluded_nodes(onnx_path: Path, float_scopes: tuple[str, ...] = ()) -> list[str]:
+    """Nodes left unquantised: the pruning subgraph and LayerNorms (as pinned for fp16 builds), every softmax, and
+    the scopes in ``float_scopes``: the scoring layer's self-attention, whose Q/K the side branch reads (graph
+    optimisers merge the two, so quantising that attention would put quantisation noise into the selection)."""
+    import onnx
+
+    from vlmprune.export.trt_build import pinned_layers
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    keep = {n.name for n in model.graph.node
+            if n.op_type == "Softmax" or any(scope in n.name for scope in float_scopes)}
+    return sorted(set(pinned_layers(onnx_path)) | keep)
+
+
+def modelopt_available() -> bool:
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def quantize(onnx_path: Path, out_path: Path, feeds: list[dict[str, np.ndarray]], algo: str,
+             float_scopes: tuple[str, ...] = ()) -> str:
+    """Write the Q/DQ model; returns the tool used."""
+    if algo not in ALGOS:
+        raise VlmpruneError(f"unknown calibration algorithm {algo!r}", f"choose one of {', '.join(ALGOS)}")
+    exclude = excluded_nodes(onnx_path, float_scopes)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if modelopt_available():  # pragma: no cover - not installable on this project's CPU machines
+        if algo == "percentile":
+            raise VlmpruneError("ModelOpt INT8 calibrates with entropy or max", "use --algo entropy or minmax")
+        from modelopt.onnx.quantization import quantize as mo_quantize
+
+        data = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+        mo_quantize(onnx_path=str(onnx_path), quantize_mode="int8", calibration_data=data,
+                    calibration_method={"entropy": "entropy", "minmax": "max"}[algo], calibration_eps=["cpu"],
+                    op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_exclude=exclude,
+                    output_path=str(out_path))
+        return "nvidia-modelopt"
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from .data import FeedReader
+
+    method = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
+              "percentile": CalibrationMethod.Percentile}[algo]
+    quantize_static(
+        str(onnx_path), str(out_path), FeedReader(feeds),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+        nodes_to_exclude=exclude,
+        per_channel=True,
+        calibrate_method=method,
+        # TensorRT takes symmetric INT8 with zero points of 0
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibMovingAverage": False},
+    )
+    return "onnxruntime.quantization"
+
+
+def accuracy(fp32_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarray]]) -> dict:
+    """The Q/DQ graph against fp32 in ONNX Runtime: embedding error and kept-index overlap."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    ref = ort.InferenceSession(str(fp32_path), opts, providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(str(qdq_path), opts, providers=["CPUExecutionProvider"])
+    rel, cos, overlap = [], [], []
+    for feed in feeds:
+        e_ref, i_ref = ref.run(None, feed)
+        e_q, i_q = q.run(None, feed)
+        common = sorted(set(i_ref[0].tolist()) & set(i_q[0].tolist()))
+        overlap.append(len(common) / i_ref.shape[1])
+        a = e_ref[0][[i_ref[0].tolist().index(i) for i in common]]
+        b = e_q[0][[i_q[0].tolist().index(i) for i in common]]
+        rel.append(float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)))
+        cos.append(float(np.mean(np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12))))
+    return {
+        "images": len(feeds),
+        "kept_index_overlap_mean": float(np.mean(overlap)),
+        "kept_index_overlap_min": float(np.min(overlap)),
+        "embedding_relative_error_mean": float(np.mean(rel)),
+        "embedding_cosine_mean": float(np.mean(cos)),
+    }

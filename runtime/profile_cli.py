@@ -1,0 +1,186 @@
+"""``prune-profile``: latency of each bucket's engine or graph against its keep ratio.
+
+``--backend trt`` runs trtexec on the bundle's engines and parses its summary; ``--from-log`` parses saved trtexec
+logs (a log named after a bucket, e.g. ``fopru-k144.log``, is matched to it); ``--backend ort`` times the ONNX
+Runtime graphs on this machine with the same statistics. Writes a markdown table, JSON, CSV and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from vlmprune.cli_common import main_wrapper
+from vlmprune.errors import VlmpruneError
+
+from .trtexec_log import parse_file, parse
+
+PERCENTILES = (90, 95, 99)
+
+
+def _stats_ms(times: list[float]) -> dict:
+    a = np.asarray(times)
+    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()), "median": float(np.median(a)),
+            **{f"p{p}": float(np.percentile(a, p)) for p in PERCENTILES}}
+
+
+def _row(name: str, bucket: dict | None, stats: dict, source: str, **extra) -> dict:
+    return {"name": name, "method": bucket["method"] if bucket else None, "keep": bucket["keep"] if bucket else None,
+            "k": bucket["k"] if bucket else None, "source": source, **stats, **extra}
+
+
+def profile_ort(bundle: Path, manifest: dict, iterations: int, warmup: int) -> list[dict]:
+    from .backends import OrtBackend
+    from .profile import timed
+
+    rows = []
+    rng = np.random.default_rng(0)
+    view = manifest["vision"]["view"]
+    pixels = rng.standard_normal((1, 3, *view["image_size"])).astype(np.float32)
+    for b in manifest["vision"]["buckets"]:
+        backend = OrtBackend(bundle / b["file"])
+        feeds = {"pixel_values": pixels}
+        if "text_embeds" in backend.inputs:
+            dim = manifest["text_encoder"]["projection_dim"]
+            t = rng.standard_normal((1, dim)).astype(np.float32)
+            feeds["text_embeds"] = t / np.linalg.norm(t)
+        times = timed(lambda: backend.run(feeds), repeats=iterations, warmup=warmup)
+        rows.append(_row(b["name"], b, _stats_ms(times), "onnxruntime-cpu", metric="CPU latency"))
+    return rows
+
+
+def profile_logs(paths: list[Path], manifest: dict | None) -> list[dict]:
+    buckets = {b["name"]: b for b in manifest["vision"]["buckets"]} if manifest else {}
+    rows = []
+    for path in paths:
+        if not path.exists():
+            raise VlmpruneError(f"log {path} does not exist", "check the path")
+        s = parse_file(path)
+        if not s.has_summary:
+            raise VlmpruneError(f"{path} has no trtexec performance summary",
+                                "run trtexec without --exportProfile, or add --separateProfileRun")
+        g = s.stats["gpu_compute"]
+        stats = {"min": g.min, "max": g.max, "mean": g.mean, "median": g.median,
+                 **{f"p{k}": v for k, v in g.percentiles.items()}}
+        name = path.stem.replace(".profile", "")
+        rows.append(_row(name, buckets.get(name), stats, str(path), metric="GPU compute time",
+                         trt_version=s.trt_version, throughput_qps=s.throughput_qps))
+    return rows
+
+
+def profile_trt(bundle: Path, manifest: dict, iterations: int, warmup: int, engines_key: str | None,
+                trtexec: str) -> list[dict]:  # pragma: no cover - needs TensorRT and a GPU
+    engines = manifest.get("engines") or {}
+    if not engines:
+        raise VlmpruneError(f"{bundle} has no TensorRT engines", "build them with `prune-build` first")
+    key = engines_key or sorted(engines)[-1]
+    if key not in engines:
+        raise VlmpruneError(f"no engines {key!r} in the bundle", f"available: {', '.join(engines)}")
+    if shutil.which(trtexec) is None:
+        raise VlmpruneError(f"{trtexec} was not found on PATH", "install TensorRT or use --from-log / --backend ort")
+    logs = bundle / "profile" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    paths = []
+    major = int(str(engines[key].get("trt_version", "10")).split(".")[0])
+    pct = ",".join(map(str, PERCENTILES)) if major >= 10 else "99"  # 8.x takes one percentile
+    for name, rel in engines[key]["files"].items():
+        if name in ("decoder", "text_encoder"):
+            continue
+        cmd = [trtexec, f"--loadEngine={bundle / rel}", f"--iterations={iterations}", f"--warmUp={warmup}",
+               f"--percentile={pct}", "--useSpinWait"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        path = logs / f"{name}.log"
+        path.write_text(done.stdout + done.stderr)
+        paths.append(path)
+    return profile_logs(paths, manifest)
+
+
+def write_outputs(rows: list[dict], out: Path, title: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(rows, indent=2) + "\n")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "profile.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    cols = ["name", "method", "keep", "k", "min", "median", "mean", "max"] + [f"p{p}" for p in PERCENTILES]
+    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) and c not in ("keep",) else str(r.get(c, "")) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "profile.md").write_text(f"{title}\n\n" + "\n".join(lines) + "\n")
+    written = [out / "profile.md", out / "profile.json", out / "profile.csv"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return written
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    metric = rows[0].get("metric", "latency")
+    keyed = [r for r in rows if r.get("keep") is not None]
+    if keyed:
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in keyed)):
+            pts = sorted((r["keep"], r["median"]) for r in keyed if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=method)
+        ax.set_xlabel("keep ratio")
+        ax.legend()
+    else:
+        ax.bar([r["name"] for r in rows], [r["median"] for r in rows])
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+    ax.set_ylabel(f"median {metric} (ms)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "profile.png", dpi=120)
+    plt.close(fig)
+    return written + [out / "profile.png"]
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="prune-profile", description=__doc__.split("\n\n")[0].strip("`"))
+    p.add_argument("bundle", type=Path, nargs="?", help="bundle folder (optional with --from-log)")
+    p.add_argument("--backend", choices=["trt", "ort"], default="trt")
+    p.add_argument("--from-log", type=Path, nargs="+", help="parse saved trtexec logs instead of running")
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=10, help="warm-up runs (ort) or milliseconds (trtexec --warmUp)")
+    p.add_argument("--engines", help="which engines of the manifest, e.g. trt10-fp16 (default: the last built)")
+    p.add_argument("--trtexec", default="trtexec")
+    p.add_argument("--out", type=Path, help="output folder (default: BUNDLE/profile or ./profile)")
+    return p
+
+
+@main_wrapper("prune-profile")
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    manifest = None
+    if args.bundle is not None:
+        from vlmprune.bundle import load_manifest
+
+        manifest = load_manifest(args.bundle)
+    elif not args.from_log:
+        raise VlmpruneError("no bundle given", "pass BUNDLE, or --from-log FILE ... to parse saved trtexec logs")
+    if args.iterations < 1:
+        raise VlmpruneError(f"--iterations {args.iterations} must be at least 1", "e.g. --iterations 100")
+    if args.from_log:
+        rows, title = profile_logs(args.from_log, manifest), "trtexec GPU compute time (from logs)"
+    elif args.backend == "ort":
+        rows, title = profile_ort(args.bundle, manifest, args.iterations, args.warmup), "ONNX Runtime CPU latency"
+    else:
+        rows = profile_trt(args.bundle, manifest, args.iterations, args.warmup, args.engines, args.trtexec)
+        title = "TensorRT GPU compute time"
+    out = args.out or ((args.bundle / "profile") if args.bundle else Path("profile"))
+    written = write_outputs(rows, out, title)
+    print((out / "profile.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0

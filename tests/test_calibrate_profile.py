@@ -1,0 +1,106 @@
+"""prune-calibrate (Q/DQ in ONNX Runtime, accuracy report) and prune-profile (ORT backend, saved trtexec logs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from vlmprune.bundle import load_manifest
+from vlmprune.calibrate.cli import main as calibrate_main
+from vlmprune.export.exporter import ExportRequest, export_bundle
+from vlmprune.export.progress import Steps
+from vlmprune.runtime.profile_cli import main as profile_main
+from vlmprune.sample import make_sample_image
+
+FIXTURES = Path(__file__).parent / "fixtures" / "trtexec"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cal")
+    return export_bundle(ExportRequest(method="gridprune", keeps=[0.25], out=root / "b", validate=False),
+                         Steps(quiet=True)).path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imgs")
+    for i in range(8):
+        rng = np.random.default_rng(i)
+        base = np.asarray(make_sample_image(360 + 20 * i, 300))
+        noisy = np.clip(base.astype(int) + rng.integers(-25, 25, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / f"{i}.png")
+    Image.fromarray(np.zeros((50, 60), np.uint8)).save(folder / "gray.jpg")  # odd but valid: used
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")  # unreadable: skipped and counted
+    return folder
+
+
+def test_calibrate_writes_qdq_graphs_with_an_accuracy_report(bundle, images, capsys):
+    assert calibrate_main.run([str(bundle), "--images", str(images), "--num", "6", "--holdout", "3",
+                               "--algo", "minmax"]) == 0
+    manifest = load_manifest(bundle)  # checksums updated for the new files
+    int8 = manifest["int8"]
+    assert int8["skipped"] == 1 and int8["images"] == 6 and int8["tool"] == "onnxruntime.quantization"
+    assert "not written (TensorRT is not installed here" in int8["calibration_caches"]
+    for name, rel in int8["qdq"].items():
+        model = onnx.load(str(bundle / rel), load_external_data=False)
+        ops = {n.op_type for n in model.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        # the pruning subgraph, LayerNorm and softmax stay unquantised
+        quantised_inputs = {i for n in model.graph.node if n.op_type == "DequantizeLinear" for i in n.output}
+        for node in model.graph.node:
+            if node.op_type in ("Softmax", "LayerNormalization", "TopK") or node.name.startswith("/method/"):
+                assert not set(node.input) & quantised_inputs, node.name
+        report = int8["accuracy"][name]
+        assert 0.5 <= report["kept_index_overlap_mean"] <= 1.0 and report["embedding_cosine_mean"] > 0.9
+        sess = ort.InferenceSession(str(bundle / rel), providers=["CPUExecutionProvider"])
+        assert sess.get_outputs()[1].name == "kept_indices"
+    assert int8["accuracy"]["none-k576"]["kept_index_overlap_mean"] == 1.0
+    assert "index overlap" in capsys.readouterr().out
+    assert (bundle / "calib" / "report.json").exists() and (bundle / "calib" / "pixel_values.npy").exists()
+
+
+def test_calibrate_bad_input(bundle, tmp_path, capsys):
+    assert calibrate_main.run([str(bundle), "--images", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert calibrate_main.run([str(bundle), "--images", str(tmp_path / "empty")]) == 2
+    assert "no images in" in capsys.readouterr().err
+
+
+def test_profile_onnxruntime_backend(bundle, tmp_path, capsys):
+    out = tmp_path / "prof"
+    assert profile_main.run([str(bundle), "--backend", "ort", "--iterations", "5", "--warmup", "1",
+                             "--out", str(out)]) == 0
+    rows = json.loads((out / "profile.json").read_text())
+    assert [r["k"] for r in rows] == [576, 144]
+    for r in rows:
+        assert r["min"] <= r["median"] <= r["max"] and r["p90"] <= r["p99"] and r["metric"] == "CPU latency"
+    assert (out / "profile.png").stat().st_size > 1000 and "| none-k576 |" in (out / "profile.md").read_text()
+    assert (out / "profile.csv").read_text().splitlines()[0].startswith("name,method,keep,k")
+
+
+def test_profile_from_logs_matches_bucket_names(bundle, tmp_path):
+    log = tmp_path / "gridprune-k144.log"
+    log.write_text((FIXTURES / "nvidia-tensorrt-4177.log").read_text())
+    out = tmp_path / "prof"
+    assert profile_main.run([str(bundle), "--from-log", str(log), str(FIXTURES / "thu-mig-yolov10-463.log"),
+                             "--out", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "profile.json").read_text())}
+    assert rows["gridprune-k144"]["keep"] == 0.25 and rows["gridprune-k144"]["median"] == 7.14139
+    assert rows["thu-mig-yolov10-463"]["keep"] is None and rows["thu-mig-yolov10-463"]["p99"] == 1.33472
+
+
+def test_profile_errors(tmp_path, capsys):
+    assert profile_main.run([]) == 2
+    assert "no bundle given" in capsys.readouterr().err
+    empty = tmp_path / "x.log"
+    empty.write_text("[I] Engine built.\n")
+    assert profile_main.run(["--from-log", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "has no trtexec performance summary" in capsys.readouterr().err
