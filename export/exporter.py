@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -25,6 +26,7 @@ from .decoder import DecoderGraph, decoder_dynamic_axes, decoder_io_names
 from .graphs import BucketVisionGraph, TextEncoderGraph
 from .lint import lint_all_targets
 from .onnx_io import export_onnx, externalize
+from .precision import fp16_vision
 from .progress import Steps
 from .targets import get_target
 from .validate import summarise, validate_decoder, validate_text_encoder, validate_vision
@@ -69,7 +71,8 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     onnxruntime.set_default_logger_severity(3)  # folding leaves harmless optimizer warnings
-    return fold_constants(model, num_passes=2, error_ok=True)
+    # Large tensors are left to be computed: folding would store e.g. an N x N position mask in every graph.
+    return fold_constants(model, num_passes=2, error_ok=True, size_threshold=1 << 16)
 
 
 def _io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
@@ -100,9 +103,6 @@ def export_bundle(req: ExportRequest, steps: Steps | None = None) -> ExportResul
     target = get_target(req.target)
     if req.precision not in ("fp32", "fp16"):
         raise VlmpruneError(f"unknown precision {req.precision!r}", "use --precision fp32 or fp16")
-    if req.precision == "fp16":
-        raise VlmpruneError("--precision fp16 is not available in this version", "export fp32 (the default); "
-                            "TensorRT builds fp16 engines from it with `prune-build --precision fp16`")
     options = spec.parse_options(req.options)
     for keep in req.keeps:  # fail before the model loads
         validate_keep(keep)
@@ -168,8 +168,9 @@ def _build(req, adapter, spec, options, buckets: list[Bucket], target, needs_tex
             uses_text = bucket.method != "none" and needs_text
             args = (pixels, torch.zeros(1, text_dim)) if uses_text else (pixels,)
             names = ["pixel_values", "text_embeds"] if uses_text else ["pixel_values"]
-            model = export_onnx(module, args, input_names=names, output_names=["image_embeds", "kept_indices"],
-                                opset=target.opset)
+            with fp16_vision(adapter) if req.precision == "fp16" else contextlib.nullcontext():
+                model = export_onnx(module, args, input_names=names, output_names=["image_embeds", "kept_indices"],
+                                    opset=target.opset)
             graphs[bucket.file] = _fold(model)
             modules[bucket.file] = (module, uses_text)
 

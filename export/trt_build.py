@@ -109,13 +109,14 @@ def _qdq_path(bundle: Path, bucket: dict) -> Path:
 
 
 def trtexec_command(job: EngineJob, target: Target, precision: str, workspace_mib: int,
-                    timing_cache: Path | None = None, trtexec: str = "trtexec") -> list[str]:
+                    timing_cache: Path | None = None, trtexec: str = "trtexec", bundle_precision: str = "fp32") -> list[str]:
     """The exact trtexec argv for one engine on one target."""
     strongly_typed = target.trt_version >= (11, 0)
-    if strongly_typed and precision in ("fp16", "best"):
+    if strongly_typed and precision == "best" or strongly_typed and precision == "fp16" and bundle_precision != "fp16":
         raise VlmpruneError(
             f"{target.name} has no weakly typed --{precision}: it builds strongly typed networks only",
-            "build fp32 or int8 (Q/DQ from prune-calibrate) for trt11, or target trt10 for an fp16 engine",
+            "for an fp16 engine export the bundle with `prune-export --precision fp16` (fp32 islands in the graph), "
+            "or build fp32 / int8 (Q/DQ)",
         )
     cmd = [trtexec, f"--onnx={job.onnx}", f"--saveEngine={job.engine}", f"--memPoolSize=workspace:{workspace_mib}"]
     cmd.append("--buildOnly" if target.trt_version < (8, 6) else "--skipInference")
@@ -266,7 +267,7 @@ def main(argv=None):
         if args.dry_run:
             try:
                 lines = [shlex.join(trtexec_command(job, target, args.precision, args.workspace, args.timing_cache,
-                                                    args.trtexec)) for job in jobs]
+                                                    args.trtexec, manifest.get("precision", "fp32"))) for job in jobs]
             except VlmpruneError as exc:
                 print(f"# {target.name}: skipped, {exc}")
                 continue
@@ -309,7 +310,8 @@ def _build(bundle: Path, manifest: dict, jobs: list[EngineJob], target: Target, 
             t0 = time.perf_counter()
             if args.via == "trtexec":
                 meta = build_with_trtexec(job, trtexec_command(job, target, args.precision, args.workspace,
-                                                               args.timing_cache, args.trtexec), tmp)
+                                                               args.timing_cache, args.trtexec,
+                                                               manifest.get("precision", "fp32")), tmp)
             else:
                 meta = build_with_api(job, target, args.precision, args.workspace, args.timing_cache)
             print(f"[{n}/{len(jobs)}] {job.name} built in {time.perf_counter() - t0:.0f}s", file=sys.stderr)

@@ -156,7 +156,9 @@ class LlavaAdapter(VLMAdapter):
 
     def joint_embeds(self, patches: Tensor) -> Tensor:
         clip = self._need_clip()
-        return clip.model.visual_projection(self._tower.post_layernorm(patches))
+        projection = clip.model.visual_projection
+        # CLIP's projection stays fp32 even when the tower runs in fp16 (it belongs to the pruning subgraph)
+        return projection(self._tower.post_layernorm(patches).to(projection.weight.dtype))
 
     def text_embeds(self, input_ids: Tensor) -> Tensor:
         clip = self._need_clip()

@@ -25,7 +25,8 @@ def gprune_scores(features: Tensor, threshold: float = 0.5, temperature: float =
     xn = l2_normalize(x)
     cos = torch.matmul(xn, xn.transpose(-1, -2))  # [B, N, N], self included
     mask = (cos >= threshold).float()
-    logits = torch.where(mask > 0, cos / temperature, torch.full_like(cos, _EXCLUDED_LOGIT))
+    # a scalar fill broadcasts; full_like would be constant-folded into an N x N tensor stored in the graph
+    logits = torch.where(mask > 0, cos / temperature, torch.tensor(_EXCLUDED_LOGIT, dtype=cos.dtype))
     p = torch.softmax(logits, dim=-1) * mask
     degree = mask.sum(-1)  # exact count, never read off the softmax
     w = weight

@@ -20,7 +20,7 @@ def sanitize(scores: Tensor) -> Tensor:
     ``x == x`` is false only for NaN; it is used instead of IsNaN, which older TensorRT parsers lack.
     """
     s = scores.float()
-    s = torch.where(s == s, s, torch.full_like(s, -_F32_MAX))
+    s = torch.where(s == s, s, torch.tensor(-_F32_MAX, dtype=s.dtype))  # scalar: no N-sized constant in the graph
     return torch.clamp(s, -_F32_MAX, _F32_MAX)
 
 

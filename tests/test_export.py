@@ -124,6 +124,24 @@ def test_target_trt85_writes_opset_16_and_passes_its_lint(tmp_path):
     assert all(g["trt8.5"]["ok"] for g in result.manifest["lint"].values())
 
 
+def test_fp16_keeps_layernorm_and_the_pruning_subgraph_in_fp32(tmp_path):
+    result = export_bundle(ExportRequest(method="gprune", keeps=[0.25], out=tmp_path / "b", precision="fp16"),
+                           Steps(quiet=True))
+    assert result.manifest["precision"] == "fp16" and result.validation["precision"] == "fp16"
+    model = onnx.load(str(result.path / "vision_gprune_k144.onnx"))
+    dtypes = {t.name: t.data_type for t in model.graph.initializer}
+    size = {t.name: onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
+    by_type = lambda dt: sum(size[n] for n, d in dtypes.items() if d == dt)  # noqa: E731
+    assert by_type(onnx.TensorProto.FLOAT16) > 2 * by_type(onnx.TensorProto.FLOAT)  # the encoder's weights
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization":
+            assert dtypes[node.input[1]] == onnx.TensorProto.FLOAT
+        if node.op_type == "TopK":  # the selection runs on an fp32 key
+            assert by_output[node.input[0]].name.startswith("/method/")
+    assert all(c["passed"] for c in result.validation["checks"])
+
+
 def test_row_strategy_records_what_it_returns(tmp_path):
     result = export_bundle(
         ExportRequest(method="fopru", keeps=[0.111], options={"strategy": "row"}, out=tmp_path / "b", validate=True),

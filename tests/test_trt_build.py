@@ -71,8 +71,19 @@ def test_trt11_is_strongly_typed_only(bundles):
     cmds = commands(bundles["trt10"], "trt11", "int8")
     assert "--stronglyTyped" in cmds["gridprune-k144"] and "--int8" not in cmds["gridprune-k144"]
     assert cmds["gridprune-k144"][1].endswith("qdq/vision_gridprune_k144.qdq.onnx")
-    with pytest.raises(VlmpruneError, match="trt11 has no weakly typed --fp16"):
+    with pytest.raises(VlmpruneError, match="trt11 has no weakly typed --fp16.*--precision fp16"):
         commands(bundles["trt10"], "trt11", "fp16")
+
+
+def test_trt11_builds_an_fp16_bundle_strongly_typed(tmp_path):
+    b = export_bundle(ExportRequest(method="fopru", keeps=[0.25], out=tmp_path / "b", precision="fp16"),
+                      Steps(quiet=True))
+    assert b.manifest["precision"] == "fp16" and b.validation["passed"]
+    overlaps = [c["index_overlap"] for c in b.validation["checks"] if c["output"] == "kept_indices"]
+    assert min(overlaps) >= 0.9
+    job = plan_jobs(b.path, b.manifest, TARGETS["trt11"], "fp16", False)[1]
+    cmd = trtexec_command(job, TARGETS["trt11"], "fp16", 1024, bundle_precision="fp16")
+    assert "--stronglyTyped" in cmd and "--fp16" not in cmd
 
 
 def test_decoder_profile_spans_prefill_and_decode(bundles):
