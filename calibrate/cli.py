@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -79,14 +81,23 @@ def main(argv=None):
     scoring_scope = f"/layers.{manifest['model']['vision']['layers_run'] - 1}/self_attn/"
     buckets = manifest["vision"]["buckets"]
     iterator = progress(buckets, desc="quantise", unit="bucket") if progress else buckets
-    for bucket in iterator:
-        src = bundle / bucket["file"]
-        out = bundle / "qdq" / bucket["file"].replace(".onnx", ".qdq.onnx")
-        calib_feeds = feeds_for(bucket, calib_px, 0)
-        tool = quantize(src, out, calib_feeds, args.algo, float_scopes=(scoring_scope,))
-        report[bucket["name"]] = accuracy(src, out, feeds_for(bucket, eval_px, len(calib_px)))
-        if tensorrt_available():  # pragma: no cover - needs TensorRT
-            write_cache(src, calib_dir / f"{bucket['name']}.cache", calib_feeds, args.algo)
+    # Q/DQ graphs are written to a temporary folder and moved into place only when every bucket is done.
+    qdq_tmp = Path(tempfile.mkdtemp(prefix=".qdq.tmp-", dir=bundle))
+    try:
+        for bucket in iterator:
+            src = bundle / bucket["file"]
+            out = qdq_tmp / bucket["file"].replace(".onnx", ".qdq.onnx")
+            calib_feeds = feeds_for(bucket, calib_px, 0)
+            tool = quantize(src, out, calib_feeds, args.algo, float_scopes=(scoring_scope,))
+            report[bucket["name"]] = accuracy(src, out, feeds_for(bucket, eval_px, len(calib_px)))
+            if tensorrt_available():  # pragma: no cover - needs TensorRT
+                write_cache(src, calib_dir / f"{bucket['name']}.cache", calib_feeds, args.algo)
+        if (bundle / "qdq").exists():
+            shutil.rmtree(bundle / "qdq")
+        os.replace(qdq_tmp, bundle / "qdq")
+    except BaseException:
+        shutil.rmtree(qdq_tmp, ignore_errors=True)
+        raise
     caches = "written" if tensorrt_available() else "not written (TensorRT is not installed here; use the Q/DQ graphs)"
     manifest["int8"] = {
         "algo": args.algo, "tool": tool, "images": int(len(calib_px)), "skipped": skipped,
@@ -94,7 +105,7 @@ def main(argv=None):
         "calibration_caches": caches, "accuracy": report,
     }
     (calib_dir / "report.json").write_text(json.dumps(manifest["int8"], indent=2) + "\n")
-    manifest["files"] = checksums(bundle, exclude=("manifest.json", "calib/pixel_values.npy"))
+    manifest["files"] = checksums(bundle)
     tmp = bundle / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, bundle / "manifest.json")

@@ -16,6 +16,8 @@ from .errors import VlmpruneError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+# Files a bundle may hold that the runtime never reads, so they are not checksummed: calibration batches.
+UNLISTED = (MANIFEST, "calib/pixel_values.npy")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -26,7 +28,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def checksums(folder: Path, exclude=(MANIFEST,)) -> dict[str, str]:
+def checksums(folder: Path, exclude=UNLISTED) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
