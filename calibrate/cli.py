@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmprune.bundle import checksums, load_manifest
+from vlmprune.bundle import checksums, load_manifest, write_manifest
 from vlmprune.cli_common import main_wrapper, quiet_libraries
 from vlmprune.errors import VlmpruneError
 
@@ -106,9 +106,7 @@ def main(argv=None):
     }
     (calib_dir / "report.json").write_text(json.dumps(manifest["int8"], indent=2) + "\n")
     manifest["files"] = checksums(bundle)
-    tmp = bundle / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, bundle / "manifest.json")
+    write_manifest(bundle, manifest)
     print(f"{'bucket':>16} | index overlap (mean / min) | embedding rel. error | cosine")
     for name, r in report.items():
         print(f"{name:>16} | {r['kept_index_overlap_mean']:.3f} / {r['kept_index_overlap_min']:.3f}"

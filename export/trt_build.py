@@ -13,7 +13,6 @@ an engine built for another TensorRT version or GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -325,7 +324,5 @@ def _build(bundle: Path, manifest: dict, jobs: list[EngineJob], target: Target, 
     engines = manifest.setdefault("engines", {})
     engines[final.name] = {"target": target.name, "precision": args.precision, "files": entries, **meta}
     manifest["files"] = checksums(bundle)
-    tmp_manifest = bundle / ".manifest.json.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp_manifest, bundle / "manifest.json")
+    write_manifest(bundle, manifest)
     print(f"engines in {final} (TensorRT {meta.get('trt_version')}, {meta.get('gpu')})")

@@ -20,7 +20,7 @@ import numpy as np
 from vlmprune.cli_common import main_wrapper
 from vlmprune.errors import VlmpruneError
 
-from .trtexec_log import parse_file, parse
+from .trtexec_log import parse_file
 
 PERCENTILES = (90, 95, 99)
 

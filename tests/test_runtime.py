@@ -22,7 +22,7 @@ from vlmprune.export.exporter import ExportRequest, export_bundle
 from vlmprune.export.progress import Steps
 from vlmprune.runtime.cli import run_main, viz_main
 from vlmprune.runtime.pipeline import Pipeline
-from vlmprune.runtime.preprocess import Preprocessor, load_image, to_rgb
+from vlmprune.runtime.preprocess import load_image, to_rgb
 from vlmprune.runtime.sampling import next_token
 from vlmprune.runtime.stitch import stitch
 from vlmprune.sample import make_sample_image

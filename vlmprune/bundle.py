@@ -37,7 +37,12 @@ def checksums(folder: Path, exclude=UNLISTED) -> dict[str, str]:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    """Write atomically (temporary file, then rename): a manifest is never seen half-written."""
+    import os
+
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, folder / MANIFEST)
 
 
 def load_manifest(folder: str | Path, *, verify: bool = True) -> dict[str, Any]:
