@@ -1,0 +1,257 @@
+"""The ``prune-eval`` loop: every item through every selected bucket of every bundle (greedy), one JSON line per
+answer appended to ``results.jsonl`` as soon as it exists, so a rerun of the same command resumes where a killed run
+stopped and recomputes nothing.
+
+Order: bundle by bundle (one decoder in memory at a time: a 7B decoder is 13.5 GB), and within a bundle item by
+item through all of its buckets, the unpruned one first, so that slow drift of a shared machine touches every
+bucket alike instead of whichever bucket ran last. Each bucket gets one untimed warm-up answer per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmprune.bundle import MANIFEST, bucket_for, load_manifest
+from vlmprune.errors import VlmpruneError
+
+from .eval_data import Dataset, Item
+from .eval_progress import progress
+from .preprocess import load_image
+
+RESULTS = "results.jsonl"
+FORMAT = 1
+
+
+@dataclass
+class BundlePlan:
+    folder: Path
+    bundle_id: str  # sha256 of manifest.json: a re-exported bundle never reuses another bundle's answers
+    label: str
+    method: str
+    buckets: list[dict]  # the unpruned bucket first
+
+    @property
+    def reference(self) -> dict:
+        return self.buckets[0]
+
+
+def plan_bundles(folders: list[Path], keeps: list[float] | None, say=print) -> list[BundlePlan]:
+    """Check every bundle and keep ratio before any answer is computed, so a typo fails in a second, not an hour."""
+    plans: list[BundlePlan] = []
+    for folder in folders:
+        folder = Path(folder)
+        manifest = load_manifest(folder)  # the checks Pipeline makes too, before any answer is computed
+        bundle_id = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()[:16]
+        if any(p.bundle_id == bundle_id for p in plans):
+            say(f"prune-eval: {folder} is the same bundle as an earlier argument; evaluated once")
+            continue
+        buckets = manifest["vision"]["buckets"]
+        unpruned = [b for b in buckets if b["method"] == "none"]
+        if not unpruned:
+            raise VlmpruneError(f"bundle {folder} has no unpruned (none) bucket to compare with",
+                                "re-export it with prune-export, which always adds one")
+        if keeps:
+            chosen = []
+            for keep in keeps:
+                bucket, message = bucket_for(manifest, keep)
+                if abs(bucket["keep"] - keep) > 1e-9:
+                    say(f"prune-eval: {folder.name}: {message}")
+                chosen.append(bucket)
+        else:
+            chosen = [b for b in buckets if b["method"] != "none"]
+        selected = [unpruned[0]] + sorted({b["name"]: b for b in chosen if b["method"] != "none"}.values(),
+                                          key=lambda b: -b["keep"])
+        method = manifest.get("method")
+        method = method.get("name") if isinstance(method, dict) else str(method or selected[-1]["method"])
+        plans.append(BundlePlan(folder, bundle_id, folder.name, method, selected))
+    names = [p.label for p in plans]
+    for p in plans:  # two bundles in folders of the same name get their paths as labels
+        if names.count(p.label) > 1:
+            p.label = str(p.folder)
+    return plans
+
+
+def key(bundle_id: str, bucket: str, item: Item) -> tuple[str, str, str, str]:
+    return (bundle_id, bucket, item.qid, item.fingerprint)
+
+
+class ResultLog:
+    """Append-only JSON lines: a header with the settings answers depend on, then one line per answer.
+
+    Each line is written whole, flushed and fsynced before the next answer starts, so a crash loses at most the
+    answer being computed. A torn last line (no newline: the process died mid-write) is cut off before appending;
+    any other unreadable line is ignored and counted. A lock keeps two runs from writing one file."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path = path
+        self.settings = settings
+        self.records: dict[tuple, dict] = {}
+        self.ignored = 0
+        self.repaired = False
+        header = None
+        good_end = 0
+        raw = path.read_bytes() if path.exists() else b""
+        if raw:
+            pos = 0
+            while pos < len(raw):
+                end = raw.find(b"\n", pos)
+                if end < 0:  # torn tail
+                    self.repaired = True
+                    break
+                line = raw[pos:end]
+                pos = good_end = end + 1
+                try:
+                    obj = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    self.ignored += 1
+                    continue
+                if header is None:
+                    if not (isinstance(obj, dict) and obj.get("prune_eval_results") == FORMAT):
+                        raise VlmpruneError(f"{path} exists and is not a prune-eval results file",
+                                            "pass another --out folder")
+                    header = obj
+                    self._check(header.get("settings", {}))
+                    continue
+                if isinstance(obj, dict) and all(k in obj for k in ("bundle_id", "bucket", "qid", "item")):
+                    self.records[(obj["bundle_id"], obj["bucket"], obj["qid"], obj["item"])] = obj
+                else:
+                    self.ignored += 1
+        if header is None and raw and not (b"\n" not in raw and raw.startswith(b'{"prune_eval_results"')):
+            # only an empty file or our own torn header may be started afresh: anything else is not ours
+            raise VlmpruneError(f"{path} exists and is not a prune-eval results file", "pass another --out folder")
+        self.f = open(path, "ab")
+        self._lock()
+        if self.repaired or header is None:
+            self.f.truncate(good_end if header is not None else 0)
+        if header is None:
+            self._write({"prune_eval_results": FORMAT, "settings": settings})
+
+    def _check(self, stored: dict) -> None:
+        diff = [f"{k.replace('_', '-')} {stored.get(k)!r} (this run: {v!r})" for k, v in self.settings.items()
+                if stored.get(k) != v]
+        if diff:
+            raise VlmpruneError(f"{self.path} holds answers made with other settings: {', '.join(diff)}",
+                                "rerun with those settings to resume, or pass another --out folder")
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return
+        try:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise VlmpruneError(f"another prune-eval is writing {self.path}",
+                                "wait for it to finish or pass another --out folder") from None
+
+    def _write(self, obj: dict) -> None:
+        self.f.write((json.dumps(obj, separators=(",", ":")) + "\n").encode())
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def __contains__(self, k) -> bool:
+        return k in self.records
+
+    def append(self, record: dict) -> None:
+        self._write(record)
+        self.records[(record["bundle_id"], record["bucket"], record["qid"], record["item"])] = record
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _record(plan: BundlePlan, bucket: dict, item: Item, result, eos: int | None) -> dict:
+    t = result.timings
+    first = result.token_ids[0] if result.token_ids else (eos if result.stop_reason == "eos" else None)
+    return {
+        "bundle_id": plan.bundle_id, "bundle": plan.label, "bucket": bucket["name"], "method": bucket["method"],
+        "keep": bucket["keep"], "k": bucket["k"], "qid": item.qid, "item": item.fingerprint,
+        "text": result.text, "token_ids": result.token_ids, "first_token": first, "stop_reason": result.stop_reason,
+        "tokens_generated": result.tokens_generated, "prompt_tokens": result.prompt_tokens,
+        "ttft_ms": round(t.ttft_ms, 3), "preprocess_ms": round(t.preprocess_ms, 3),
+        "text_encoder_ms": round(t.text_encoder_ms, 3), "vision_ms": round(t.vision_ms, 3),
+        "prefill_ms": round(t.prefill_ms, 3), "total_ms": round(t.total_ms, 3),
+    }
+
+
+@dataclass
+class RunOutcome:
+    plans: list[BundlePlan]
+    log: ResultLog
+    skipped: list[dict]
+    computed: int
+    reused: int
+
+
+def run_eval(plans: list[BundlePlan], dataset: Dataset, out: Path, *, max_new_tokens: int = 32,
+             engines: str | None = None, positions: str = "contiguous", provider: str | None = None,
+             threads: int | None = None, plain_progress: bool = False, stream=None) -> RunOutcome:
+    """Answer every pending (bundle, bucket, item) and append it to ``out/results.jsonl``."""
+    stream = stream or sys.stderr
+    if max_new_tokens < 1:
+        raise VlmpruneError(f"--max-new-tokens {max_new_tokens} must be at least 1", "give a positive number")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"max_new_tokens": max_new_tokens, "positions": positions, "engines": engines}
+    log = ResultLog(out / RESULTS, settings)
+    try:
+        return _run(plans, dataset, log, max_new_tokens, engines, positions, provider, threads, plain_progress,
+                    stream)
+    finally:
+        log.close()
+
+
+def _run(plans, dataset, log, max_new_tokens, engines, positions, provider, threads, plain_progress, stream):
+    from .pipeline import Pipeline
+
+    def missing(plan, item):
+        return [b for b in plan.buckets if key(plan.bundle_id, b["name"], item) not in log]
+
+    total = sum(len(plan.buckets) for plan in plans) * len(dataset.items)
+    pending = sum(len(missing(plan, item)) for plan in plans for item in dataset.items)
+    if log.repaired:
+        print(f"prune-eval: {log.path}: dropped a half-written last line (the previous run was killed mid-write)",
+              file=stream)
+    if log.ignored:
+        print(f"prune-eval: {log.path}: ignored {log.ignored} unreadable line(s)", file=stream)
+    if pending < total:
+        print(f"prune-eval: resuming: {total - pending} of {total} answers already in {log.path}", file=stream)
+    skipped: list[dict] = []
+    computed = 0
+    bar = progress(pending, "prune-eval", "answer", stream=stream, plain=plain_progress) if pending else None
+    try:
+        for plan in plans:
+            todo = [item for item in dataset.items if missing(plan, item)]
+            if not todo:
+                continue
+            pipe = Pipeline(plan.folder, provider=provider, threads=threads, positions=positions, engines=engines)
+            eos = pipe.decoder_spec.get("eos_token_id")
+            warmed: set[str] = set()
+            for item in todo:
+                left = missing(plan, item)
+                try:
+                    image = load_image(item.image)
+                    for bucket in left:
+                        if bucket["name"] not in warmed:  # first session run pays allocation: keep it out of TTFT
+                            pipe.generate(image, item.prompt, bucket=bucket, max_new_tokens=1)
+                            warmed.add(bucket["name"])
+                        result = pipe.generate(image, item.prompt, bucket=bucket, max_new_tokens=max_new_tokens)
+                        log.append(_record(plan, bucket, item, result, eos))
+                        computed += 1
+                        left = left[1:]
+                        bar.update(1)
+                except VlmpruneError as exc:
+                    where = f"{plan.label} question {item.qid}"
+                    skipped.append({"where": where, "reason": str(exc)})
+                    bar.write(f"prune-eval: skipped {where}: {exc}")
+                    bar.update(len(left))
+            del pipe
+    finally:
+        if bar is not None:
+            bar.close()
+    return RunOutcome(plans, log, skipped, computed, total - pending)

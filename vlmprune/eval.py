@@ -1,0 +1,59 @@
+"""A pruned bundle as a plain ``generate(image, prompt) -> str`` model, for evaluation harnesses (lmms-eval,
+VLMEvalKit) to wrap as a custom model, plus the scoring ``prune-eval`` uses. Torch-free, like the runtime.
+
+    from vlmprune.eval import PrunedVLM
+    vlm = PrunedVLM("exports/llava-fopru", keep=0.25, max_new_tokens=64)
+    answer = vlm.generate("photo.jpg", "What is on the table?")   # or a PIL image
+    vlm.last.timings.ttft_ms                                       # the full Result of the last call
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from vlmprune.runtime.eval_data import load_dataset
+from vlmprune.runtime.eval_demo import make_demo_dataset
+from vlmprune.runtime.eval_metrics import agreement, exact_match, normalize_answer, token_f1, vqa_accuracy
+from vlmprune.runtime.pipeline import Pipeline, Result
+
+__all__ = ["PrunedVLM", "normalize_answer", "vqa_accuracy", "exact_match", "token_f1", "agreement", "load_dataset",
+           "make_demo_dataset"]
+
+
+class PrunedVLM:
+    """One bundle and one bucket, greedy by default; the sessions open once and serve every call."""
+
+    def __init__(self, bundle: str | Path, *, keep: float | None = None, max_new_tokens: int = 64,
+                 engines: str | None = None, provider: str | None = None, threads: int | None = None,
+                 positions: str = "contiguous"):
+        self.pipeline = Pipeline(bundle, provider=provider, threads=threads, positions=positions, engines=engines)
+        self.bucket, self.bucket_choice = self.pipeline.choose_bucket(keep)  # None: the smallest pruned bucket
+        self.pipeline.prepare(self.bucket)
+        self.max_new_tokens = max_new_tokens
+        self.last: Result | None = None
+
+    @property
+    def keep(self) -> float:
+        return self.bucket["keep"]
+
+    def generate(self, image: Image.Image | str | Path, prompt: str, **options) -> str:
+        """The answer text. ``options`` go to ``Pipeline.generate`` (``max_new_tokens``, ``temperature``,
+        ``top_p``, ``seed``); the full ``Result`` (tokens, kept indices, timings) is kept in ``self.last``."""
+        options.setdefault("max_new_tokens", self.max_new_tokens)
+        self.last = self.pipeline.generate(image, prompt, bucket=self.bucket, **options)
+        return self.last.text
+
+    __call__ = generate
+
+    def generate_message(self, message: list[dict], **options) -> str:
+        """VLMEvalKit's message form: ``[{"type": "image", "value": PATH}, {"type": "text", "value": TEXT}]``.
+        One image per prompt (the bundles take one); text parts are joined with newlines."""
+        images = [m["value"] for m in message if m.get("type") == "image"]
+        if len(images) != 1:
+            from vlmprune.errors import VlmpruneError
+
+            raise VlmpruneError(f"the message holds {len(images)} images", "vlmprune bundles take exactly one image")
+        text = "\n".join(m["value"] for m in message if m.get("type") == "text")
+        return self.generate(images[0], text, **options)
