@@ -71,7 +71,10 @@ def lint(model: onnx.ModelProto, target: Target) -> list[Finding]:
     types = _elem_types(model)
     for node in model.graph.node:
         op, name = node.op_type, node.name or node.output[0]
-        if op in _NEVER:
+        if node.domain not in ("", "ai.onnx"):  # e.g. ONNX Runtime's com.microsoft contrib ops (MatMulNBits)
+            out.append(Finding("error", "custom-op", f"{node.domain}::{op} is not an ONNX standard op; TensorRT's "
+                               "parser has no importer for it", name))
+        elif op in _NEVER:
             out.append(Finding("error", "forbidden-op", f"{op}: {_NEVER[op]}", name))
         elif op == "CumSum" and target.cumsum_loop:
             out.append(Finding("warning", "cumsum", "CumSum runs as a sequential loop before TensorRT 10.8", name))

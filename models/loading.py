@@ -48,11 +48,18 @@ def resolve_path(name_or_path: str, what: str = "model") -> Path:
     )
 
 
-def _model_type(path: Path) -> str:
+def _read_config(path: Path) -> dict:
     try:
-        return json.loads((path / "config.json").read_text()).get("model_type", "")
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VlmpruneError(f"cannot read {path / 'config.json'}: {exc}", "check the model folder") from None
+    if not isinstance(config, dict):
+        raise VlmpruneError(f"{path / 'config.json'} is not a JSON object", "check the model folder")
+    return config
+
+
+def _model_type(path: Path) -> str:
+    return str(_read_config(path).get("model_type", ""))
 
 
 def _require_safetensors(path: Path, what: str) -> None:
@@ -63,13 +70,56 @@ def _require_safetensors(path: Path, what: str) -> None:
         )
 
 
+def checkpoint_dtype(path: Path) -> str:
+    """The floating-point dtype the checkpoint's tensors are stored in (``F16``, ``BF16``, ``F32``), read from the
+    safetensors headers only (a few KB), so the export default can follow the checkpoint without loading it."""
+    import struct
+
+    counts: dict[str, int] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > 100_000_000:
+                    raise ValueError("header too large")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error) as exc:
+            raise VlmpruneError(f"{file} is not a readable safetensors file ({exc})",
+                                "re-download the checkpoint; the file may be truncated") from None
+        for name, info in header.items():
+            if name != "__metadata__" and isinstance(info, dict) and info.get("dtype") in ("F16", "BF16", "F32"):
+                begin, end = info.get("data_offsets", (0, 0))
+                counts[info["dtype"]] = counts.get(info["dtype"], 0) + int(end) - int(begin)
+    return max(counts, key=counts.get) if counts else "F32"
+
+
+def _strict_loading(info: dict, what: str, path: Path) -> None:
+    """A tensor the checkpoint lacks would be initialised at random by transformers and validation would compare
+    against that same random model, so anything missing, unexpected or of the wrong shape is an error."""
+    for key, label in (("missing_keys", "lacks"), ("unexpected_keys", "has unexpected"), ("mismatched_keys", "has wrongly shaped")):
+        names = sorted(str(n if isinstance(n, str) else n[0]) for n in info.get(key) or ())
+        if names:
+            first = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise VlmpruneError(f"{what} at {path} {label} {len(names)} tensor(s): {first}",
+                                "point at a complete checkpoint of that architecture (all shards present)")
+
+
 def load_clip(name_or_path: str, *, trust_remote_code: bool = False) -> ClipText:
     """GridPrune's CLIP text tower and projections (``openai/clip-vit-large-patch14-336`` layout)."""
     from transformers import AutoTokenizer, CLIPModel
 
     path = resolve_path(name_or_path, "CLIP model")
+    config = _read_config(path)
+    if config.get("model_type") != "clip" or not config.get("text_config"):
+        raise VlmpruneError(
+            f"--clip {name_or_path} is not a CLIP model with a text tower (model_type {config.get('model_type')!r})",
+            "pass a CLIP checkpoint such as openai/clip-vit-large-patch14-336",
+        )
     _require_safetensors(path, "CLIP model")
-    model = CLIPModel.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code).eval()
+    model, info = CLIPModel.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                            output_loading_info=True)
+    _strict_loading(info, "CLIP model", path)
+    model = model.eval()
     model.vision_model = None  # the VLM's own vision tower is used; free CLIP's copy
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return ClipText(
@@ -87,8 +137,13 @@ def load_model(
     clip: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "eager",
+    decoder_dtype: str = "float32",
 ) -> VLMAdapter:
-    """Load a VLM and return its adapter (``.model`` is the ``transformers`` model, in fp32 eval mode).
+    """Load a VLM and return its adapter (``.model`` is the ``transformers`` model in eval mode).
+
+    The vision tower and projector are fp32 (vision precision is chosen at export). The language model is loaded in
+    ``decoder_dtype``: ``float16`` keeps a published fp16 checkpoint as it is (safetensors are memory-mapped, no fp32
+    copy of the decoder is ever made), ``float32`` upcasts it.
 
     ``clip`` names GridPrune's CLIP model; a preset brings its own in ``clip/``. ``trust_remote_code`` is passed to
     transformers only when the user asks for it.
@@ -110,14 +165,31 @@ def load_model(
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path,
-        dtype=torch.float32,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
-    ).eval()
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if decoder_dtype not in ("float32", "float16"):
+        raise ValueError(f"decoder_dtype {decoder_dtype!r}")
+    try:
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            path,
+            dtype=getattr(torch, decoder_dtype),
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:  # truncated shards, a bad index, shape errors
+        raise VlmpruneError(f"cannot load the checkpoint at {path}: {str(exc).splitlines()[0][:200]}",
+                            "check that every shard is complete (re-download it)") from None
+    _strict_loading(info, "model", path)
+    model = model.eval()
+    for part in ("model.vision_tower", "model.multi_modal_projector"):
+        module = model.get_submodule(part)
+        if any(p.dtype != torch.float32 for p in module.parameters()):
+            module.float()  # the vision side is small; the export decides its precision
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise VlmpruneError(f"cannot load the processor files at {path}: {str(exc).splitlines()[0][:200]}",
+                            "the folder needs tokenizer and preprocessor files as published with the model") from None
     clip_source = clip
     if clip_source is None and (path / "clip" / "config.json").exists():
         clip_source = str(path / "clip")

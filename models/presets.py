@@ -7,8 +7,6 @@ text tower in ``clip/``) under the vlmprune cache and loaded back through the sa
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,22 +81,23 @@ def preset_path(name: str) -> Path:
 def ensure_preset(name: str) -> Path:
     """The preset's folder, written on first use (atomically: built in a temporary folder, then renamed)."""
     spec = PRESETS[name]
+    from vlmprune.atomic import clean_leftovers, make_temp_dir, remove_temp, rename_noreplace
+
     target = preset_path(name)
+    clean_leftovers(target.parent)  # temporary folders of preset writes that were killed (a scan of one folder)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = make_temp_dir(target.parent, target.name)  # marked with its owner, so a later run can remove a leftover
     try:
         write_llava_preset(spec, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like the HF cache
         try:
-            os.replace(tmp, target)
+            rename_noreplace(tmp, target)
         except OSError:  # another process won the race; its folder is as good as ours
             if not (target / "config.json").exists():
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_temp(tmp)
     return target
 
 
@@ -121,20 +120,10 @@ def _init_weights(model, seed: int) -> None:
                 param.copy_(0.02 * torch.randn(param.shape, generator=gen))
 
 
-def write_llava_preset(spec: PresetSpec, folder: Path) -> None:
-    import torch
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPTextConfig,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
+def llava_processor(image_size: int, patch_size: int, max_context: int):
+    """The offline tokenizer and a LLaVA-1.5 processor (CLIP preprocessing, chat template) for made checkpoints;
+    returns ``(processor, special token ids, vocabulary size)``."""
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
     from .tiny_tokenizer import LLAVA_CHAT_TEMPLATE, build_tokenizer
 
@@ -148,9 +137,44 @@ def write_llava_preset(spec: PresetSpec, folder: Path) -> None:
         unk_token="<unk>",
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
-        model_max_length=spec.max_context,
+        model_max_length=max_context,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return processor, ids, vocab
+
+
+def write_llava_preset(spec: PresetSpec, folder: Path) -> None:
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        PreTrainedTokenizerFast,
+    )
+
+    from .tiny_tokenizer import build_tokenizer
+
+    processor, ids, vocab = llava_processor(spec.image_size, spec.patch_size, spec.max_context)
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_intermediate,
@@ -190,22 +214,6 @@ def write_llava_preset(spec: PresetSpec, folder: Path) -> None:
     model.generation_config.bos_token_id = ids["<s>"]
     model.save_pretrained(folder, safe_serialization=True)
 
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": spec.image_size},
-        crop_size={"height": spec.image_size, "width": spec.image_size},
-        do_center_crop=True,
-        resample=3,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=spec.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
     processor.save_pretrained(folder)
 
     # GridPrune's CLIP: a tiny text tower and projections over the *same* vision tower weights.
