@@ -35,9 +35,16 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     do_convert_rgb: bool = True
+    kind: str = "clip"  # "clip": resize + center crop; "anyres": base view + crops of the best pinpoint (LLaVA-NeXT)
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()  # anyres: the (height, width) canvases crops are cut from
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.kind == "clip":  # single-view bundles keep the fields they always had
+            del d["kind"], d["grid_pinpoints"]
+        else:
+            d["grid_pinpoints"] = [list(p) for p in self.grid_pinpoints]
+        return d
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,7 @@ class VLMAdapter(ABC):
     """Model-specific access for export and pruning. ``.model`` is the underlying ``transformers`` model."""
 
     arch: str = ""
+    family: Any = None  # the registry's Family (models/registry.py), set by load_model
     model: Any
     processor: Any
     tokenizer: Any

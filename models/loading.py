@@ -11,9 +11,8 @@ from vlmprune.errors import VlmpruneError
 from .adapter import ClipText, VLMAdapter
 from .presets import PRESETS, ensure_preset
 
-# model_type in config.json -> adapter; the ones not built yet say so rather than failing deep in transformers.
-_ARCHES = {"llava": "LLaVA-1.5"}
-_PLANNED = {"llava_next": "LLaVA-NeXT", "qwen2_5_vl": "Qwen2.5-VL", "llava_onevision": "LLaVA-OneVision"}
+# model_type in config.json -> adapter: the family registry (models/registry.py), one adapter file per family.
+from .registry import Family, family_for
 
 
 def _hf_cache_dir() -> str:
@@ -60,6 +59,13 @@ def _read_config(path: Path) -> dict:
 
 def _model_type(path: Path) -> str:
     return str(_read_config(path).get("model_type", ""))
+
+
+def model_family(name_or_path: str | Path) -> Family:
+    """The registered family of a model (from its config.json only: nothing loads), or one line saying it is not
+    supported."""
+    path = resolve_path(str(name_or_path))
+    return family_for(_model_type(path), str(path / "config.json"))
 
 
 def _require_safetensors(path: Path, what: str) -> None:
@@ -138,6 +144,8 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str = "eager",
     decoder_dtype: str = "float32",
+    method: str | None = None,
+    needs=None,
 ) -> VLMAdapter:
     """Load a VLM and return its adapter (``.model`` is the ``transformers`` model in eval mode).
 
@@ -146,29 +154,25 @@ def load_model(
     copy of the decoder is ever made), ``float32`` upcasts it.
 
     ``clip`` names GridPrune's CLIP model; a preset brings its own in ``clip/``. ``trust_remote_code`` is passed to
-    transformers only when the user asks for it.
+    transformers only when the user asks for it. ``needs`` (a method's ``MethodSpec.needs``) is checked against the
+    family's capabilities before anything loads.
     """
     path = resolve_path(name_or_path)
-    model_type = _model_type(path)
-    if model_type in _PLANNED:
-        raise VlmpruneError(
-            f"{_PLANNED[model_type]} ({model_type}) is not supported by this version of vlmprune yet",
-            f"supported architectures: {', '.join(_ARCHES.values())}",
-        )
-    if model_type not in _ARCHES:
-        raise VlmpruneError(
-            f"unknown model type {model_type!r} in {path / 'config.json'}",
-            f"supported architectures: {', '.join(f'{v} ({k})' for k, v in _ARCHES.items())}",
-        )
+    family = model_family(path)
+    if needs is not None:
+        family.check_needs(method or "this method", needs)
     _require_safetensors(path, "model")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network while loading
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor
+
+    model_class = getattr(transformers, family.transformers_class)
 
     if decoder_dtype not in ("float32", "float16"):
         raise ValueError(f"decoder_dtype {decoder_dtype!r}")
     try:
-        model, info = LlavaForConditionalGeneration.from_pretrained(
+        model, info = model_class.from_pretrained(
             path,
             dtype=getattr(torch, decoder_dtype),
             use_safetensors=True,
@@ -181,7 +185,7 @@ def load_model(
                             "check that every shard is complete (re-download it)") from None
     _strict_loading(info, "model", path)
     model = model.eval()
-    for part in ("model.vision_tower", "model.multi_modal_projector"):
+    for part in family.vision_modules:
         module = model.get_submodule(part)
         if any(p.dtype != torch.float32 for p in module.parameters()):
             module.float()  # the vision side is small; the export decides its precision
@@ -194,6 +198,6 @@ def load_model(
     if clip_source is None and (path / "clip" / "config.json").exists():
         clip_source = str(path / "clip")
     clip_text = load_clip(clip_source, trust_remote_code=trust_remote_code) if clip_source else None
-    from .llava import LlavaAdapter
-
-    return LlavaAdapter(model, processor, path, source=name_or_path, clip=clip_text)
+    adapter = family.adapter_class()(model, processor, path, source=name_or_path, clip=clip_text)
+    adapter.family = family
+    return adapter

@@ -33,6 +33,12 @@ class PresetSpec:
     image_size: int = 336
     patch_size: int = 14
     seed: int = 0
+    family: str = "llava"  # model_type: "llava" (LLaVA-1.5) or "llava_next" (anyres)
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()  # llava_next: (height, width) canvases
+
+
+# llava-hf/llava-v1.6-*-hf's image_grid_pinpoints
+LLAVA_V16_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 
 PRESETS: dict[str, PresetSpec] = {
@@ -66,6 +72,24 @@ PRESETS: dict[str, PresetSpec] = {
         text_intermediate=1408,
         max_context=2048,
         seed=1,
+    ),
+    "tiny-llava-next": PresetSpec(
+        name="tiny-llava-next",
+        description="LLaVA-NeXT geometry (336 px base view + crops of the llava-v1.6 pinpoints, image_newline, "
+                    "up to 2,880 patches), tiny widths",
+        vision_hidden=64,
+        vision_layers=4,
+        vision_heads=4,
+        vision_intermediate=256,
+        text_hidden=128,
+        text_layers=2,
+        text_heads=4,
+        text_kv_heads=2,
+        text_intermediate=256,
+        max_context=4096,  # 2,880 patches + 48 newlines + the prompt
+        seed=2,
+        family="llava_next",
+        grid_pinpoints=LLAVA_V16_PINPOINTS,
     ),
 }
 
@@ -114,7 +138,7 @@ def _init_weights(model, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * fan_in**-0.5)
             elif "norm" in name and name.endswith("weight"):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
-            elif name.endswith("class_embedding"):
+            elif name.endswith(("class_embedding", "image_newline")):
                 param.copy_(torch.randn(param.shape, generator=gen))
             else:
                 param.copy_(0.02 * torch.randn(param.shape, generator=gen))
@@ -174,7 +198,18 @@ def write_llava_preset(spec: PresetSpec, folder: Path) -> None:
 
     from .tiny_tokenizer import build_tokenizer
 
-    processor, ids, vocab = llava_processor(spec.image_size, spec.patch_size, spec.max_context)
+    if spec.family == "llava_next":
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+        from .llava_next import next_processor
+
+        processor, ids, vocab = next_processor(spec.image_size, spec.patch_size, spec.max_context,
+                                               spec.grid_pinpoints)
+        config_class, model_class = LlavaNextConfig, LlavaNextForConditionalGeneration
+        extra = {"image_grid_pinpoints": [list(p) for p in spec.grid_pinpoints]}
+    else:
+        processor, ids, vocab = llava_processor(spec.image_size, spec.patch_size, spec.max_context)
+        config_class, model_class, extra = LlavaConfig, LlavaForConditionalGeneration, {}
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_intermediate,
@@ -198,16 +233,17 @@ def write_llava_preset(spec: PresetSpec, folder: Path) -> None:
         pad_token_id=ids["<pad>"],
         tie_word_embeddings=False,
     )
-    config = LlavaConfig(
+    config = config_class(
         vision_config=vision,
         text_config=text,
         image_token_id=ids["<image>"],
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
+        **extra,
     )
     torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     _init_weights(model, spec.seed)
     model.generation_config.pad_token_id = ids["<pad>"]
     model.generation_config.eos_token_id = ids["</s>"]

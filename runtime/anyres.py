@@ -1,0 +1,174 @@
+"""LLaVA-NeXT "anyres" geometry and preprocessing with numpy + Pillow (torch-free).
+
+An image becomes a base view (the whole image resized to the view size, aspect ratio not kept) plus the crops of
+the image resized to fit the best of ``image_grid_pinpoints`` (aspect ratio kept), zero-padded to it and cut into
+view-size tiles, row-major. After the projector the crops form one raster, unpadded to the image's aspect ratio.
+
+Written by hand (the formulas are a few lines each) rather than imported because the runtime may not import
+transformers; each function names the transformers function it reproduces, and ``tests/test_anyres.py`` checks
+the whole against ``LlavaNextImageProcessor`` and ``LlavaNextForConditionalGeneration``'s own unpadding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from vlmprune.errors import VlmpruneError
+
+from .preprocess import _FILTERS, center_crop, shortest_edge_size, to_rgb
+
+
+def select_best_resolution(size_hw: tuple[int, int], pinpoints) -> tuple[int, int]:
+    """``transformers.image_processing_utils.select_best_resolution``: the pinpoint (h, w) keeping the most of the
+    image's resolution, then wasting the least."""
+    h, w = size_hw
+    best, best_eff, best_waste = None, 0, float("inf")
+    for ph, pw in pinpoints:
+        scale = min(pw / w, ph / h)
+        dw, dh = int(w * scale), int(h * scale)
+        eff = min(dw * dh, w * h)
+        waste = pw * ph - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (int(ph), int(pw)), eff, waste
+    return best
+
+
+def fit_size(size_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
+    """``get_patch_output_size``: the image resized into ``target`` with its aspect ratio kept (h, w)."""
+    h, w = size_hw
+    th, tw = target_hw
+    sw, sh = tw / w, th / h
+    if sw < sh:
+        return min(math.ceil(h * sw), th), tw
+    return th, min(math.ceil(w * sh), tw)
+
+
+def unpadded_span(size_hw: tuple[int, int], raster_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``modeling_llava_next.unpad_image`` on a feature raster: (top, bottom, left, right) of the rows and columns
+    kept for an image of ``size_hw`` (same float arithmetic, so the same integers)."""
+    h, w = size_hw
+    ch, cw = raster_hw
+    if w / h > cw / ch:
+        new_h = int(round(h * (cw / w), 7))
+        pad = (ch - new_h) // 2
+        return pad, ch - pad, 0, cw
+    new_w = int(round(w * (ch / h), 7))
+    pad = (cw - new_w) // 2
+    return 0, ch, pad, cw - pad
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A pinpoint's crop grid: ``rows x cols`` views of ``view`` pixels, each ``side x side`` tokens."""
+
+    rows: int
+    cols: int
+    view: int  # view size in pixels (336)
+    side: int  # tokens per view side (24)
+
+    @property
+    def name(self) -> str:
+        return f"{self.rows}x{self.cols}"
+
+    @property
+    def pinpoint(self) -> tuple[int, int]:
+        return self.rows * self.view, self.cols * self.view
+
+    @property
+    def num_views(self) -> int:
+        return 1 + self.rows * self.cols
+
+    @property
+    def raster(self) -> tuple[int, int]:
+        return self.rows * self.side, self.cols * self.side
+
+    def valid_mask(self, size_hw: tuple[int, int]) -> np.ndarray:
+        """[rows*side, cols*side] bool: the raster positions kept by the unpadding for an image of ``size_hw``."""
+        top, bottom, left, right = unpadded_span(size_hw, self.raster)
+        mask = np.zeros(self.raster, bool)
+        mask[top:bottom, left:right] = True
+        return mask
+
+    def num_tokens(self, size_hw: tuple[int, int], base_tokens: int) -> int:
+        """Image tokens transformers gives this image unpruned: the base view, the unpadded raster, one newline per
+        unpadded row."""
+        top, bottom, left, right = unpadded_span(size_hw, self.raster)
+        return base_tokens + (bottom - top) * (right - left) + (bottom - top)
+
+
+def layouts_for(pinpoints, view: int, side: int) -> list[Layout]:
+    out = []
+    for ph, pw in pinpoints:
+        if ph % view or pw % view:
+            raise VlmpruneError(f"image_grid_pinpoints entry {[ph, pw]} is not a multiple of the {view} px view",
+                                "use a checkpoint whose pinpoints are whole numbers of views")
+        lay = Layout(ph // view, pw // view, view, side)
+        if lay not in out:
+            out.append(lay)
+    return out
+
+
+def layout_for_image(size_hw: tuple[int, int], pinpoints, view: int, side: int) -> Layout:
+    ph, pw = select_best_resolution(size_hw, pinpoints)
+    return Layout(ph // view, pw // view, view, side)
+
+
+class AnyresPreprocessor:
+    """``image -> (pixel_values [1 + rows*cols, 3, S, S] float32, (h, w), Layout)`` from the manifest's
+    ``preprocessing`` block (kind ``anyres``): ``LlavaNextImageProcessor`` step for step."""
+
+    def __init__(self, constants: dict, side: int):
+        self.c = constants
+        if constants["resample"] not in _FILTERS:
+            raise VlmpruneError(f"unknown resample filter {constants['resample']!r} in the manifest", "re-export")
+        self.pinpoints = [tuple(int(x) for x in p) for p in constants["grid_pinpoints"]]
+        if not self.pinpoints:
+            raise VlmpruneError("the manifest's anyres preprocessing lists no grid_pinpoints", "re-export")
+        self.view = int(constants["crop_size"][0])
+        self.side = side
+        self.filter = _FILTERS[constants["resample"]]
+        self.mean = np.asarray(constants["mean"], np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(constants["std"], np.float32).reshape(3, 1, 1)
+
+    def layout(self, size_hw: tuple[int, int]) -> Layout:
+        return layout_for_image(size_hw, self.pinpoints, self.view, self.side)
+
+    def _finish(self, tile: Image.Image) -> np.ndarray:
+        """The per-view steps after tiling: shortest-edge resize, center crop, rescale, normalise."""
+        c = self.c
+        if c["do_resize"]:
+            size = shortest_edge_size(tile.size, c["resize_shortest_edge"])
+            if size != tile.size:
+                tile = tile.resize(size, self.filter)
+        arr = np.asarray(tile)
+        if c["do_center_crop"]:
+            arr = center_crop(arr, *c["crop_size"])
+        x = arr.transpose(2, 0, 1)
+        if c["do_rescale"]:
+            x = (x.astype(np.float64) * c["rescale_factor"]).astype(np.float32)
+        else:
+            x = x.astype(np.float32)
+        if c["do_normalize"]:
+            x = (x - self.mean) / self.std
+        return x
+
+    def __call__(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int], Layout]:
+        if self.c.get("do_convert_rgb", True) or image.mode != "RGB":
+            image = to_rgb(image)
+        w, h = image.size
+        layout = self.layout((h, w))
+        th, tw = layout.pinpoint
+        nh, nw = fit_size((h, w), (th, tw))
+        resized = image.resize((nw, nh), self.filter) if (nw, nh) != (w, h) else image
+        canvas = Image.new("RGB", (tw, th), (0, 0, 0))  # zero padding, centred with the odd pixel after
+        canvas.paste(resized, ((tw - nw) // 2, (th - nh) // 2))
+        s = self.view
+        base = image.resize((s, s), self.filter) if (w, h) != (s, s) else image
+        tiles = [base] + [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s))
+                          for r in range(layout.rows) for c in range(layout.cols)]
+        pixels = np.stack([self._finish(t) for t in tiles])
+        return np.ascontiguousarray(pixels, dtype=np.float32), (h, w), layout

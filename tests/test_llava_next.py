@@ -1,0 +1,139 @@
+"""LLaVA-NeXT: the family registry, the tiny-llava-next preset, and torch-free anyres preprocessing and unpadding
+against transformers' own LlavaNextImageProcessor / LlavaNextForConditionalGeneration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmprune.errors import VlmpruneError
+from vlmprune.models import load_model
+from vlmprune.models.registry import Capabilities, Family, RuntimeRecipe, families, family_for
+from vlmprune.prune import METHODS
+from vlmprune.runtime.anyres import AnyresPreprocessor, select_best_resolution, unpadded_span
+from vlmprune.sample import make_sample_image
+
+
+@pytest.fixture(scope="module")
+def nxt():
+    torch.set_grad_enabled(False)
+    return load_model("tiny-llava-next")
+
+
+# --- registry ------------------------------------------------------------------------------------------------------
+
+
+def test_registry_knows_both_families():
+    fams = families()
+    assert {"llava", "llava_next"} <= set(fams)
+    assert fams["llava"].transformers_class == "LlavaForConditionalGeneration"
+    assert fams["llava_next"].transformers_class == "LlavaNextForConditionalGeneration"
+    assert fams["llava_next"].recipe.preprocess == "anyres" and fams["llava_next"].recipe.layout == "anyres_raster"
+    with pytest.raises(VlmpruneError, match="Qwen2.5-VL .* not supported"):
+        family_for("qwen2_5_vl")
+    with pytest.raises(VlmpruneError, match="unknown model type 'gpt2'"):
+        family_for("gpt2")
+
+
+def test_method_needs_are_checked_against_capabilities():
+    no_cls = Family("x", "NoCLS", "X", "m:X", Capabilities(False, "feature", False), RuntimeRecipe("clip", "single_view", "1d"))
+    with pytest.raises(VlmpruneError, match="'gridprune' needs a CLS token, a CLIP joint text-image space"):
+        no_cls.check_needs("gridprune", METHODS["gridprune"].needs)
+    no_cls.check_needs("fopru", METHODS["fopru"].needs)  # attention only: fine
+    for fam in families().values():
+        for name, spec in METHODS.items():
+            fam.check_needs(name, spec.needs)  # both LLaVA families serve every method
+
+
+def test_load_model_refuses_a_method_before_loading(monkeypatch):
+    import vlmprune.models.llava_next as mod
+
+    crippled = Family("llava_next", "LLaVA-NeXT", "LlavaNextForConditionalGeneration", mod.FAMILY.adapter,
+                      Capabilities(True, "feature", False), mod.FAMILY.recipe)
+    monkeypatch.setitem(families(), "llava_next", crippled)
+    monkeypatch.setattr("transformers.LlavaNextForConditionalGeneration.from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded before the capability check"))
+    with pytest.raises(VlmpruneError, match="gridprune.*CLIP joint"):
+        load_model("tiny-llava-next", method="gridprune", needs=METHODS["gridprune"].needs)
+
+
+# --- preset --------------------------------------------------------------------------------------------------------
+
+
+def test_preset_has_next_geometry(nxt):
+    cfg = nxt.model.config
+    assert nxt.model.__class__.__name__ == "LlavaNextForConditionalGeneration"
+    assert cfg.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert cfg.vision_config.image_size == 336 and nxt.vision.patch_size == 14
+    assert [v.name for v in nxt.vision.views] == ["base", "crop"]
+    assert all(v.grid == (nxt.side, nxt.side) and v.has_cls for v in nxt.vision.views)
+    assert [lay.name for lay in nxt.layouts] == ["1x2", "2x1", "2x2", "3x1", "1x3"]
+    assert max(lay.num_views for lay in nxt.layouts) * nxt.side**2 == 2880  # 5 views of 576
+    assert nxt.image_newline.shape == (nxt.text.hidden_size,) and float(nxt.image_newline.abs().max()) > 0.1
+    assert nxt.family.model_type == "llava_next"
+    pre = nxt.preprocessing.to_dict()
+    assert pre["kind"] == "anyres" and pre["grid_pinpoints"] == cfg.image_grid_pinpoints
+
+
+def test_pieces_match_the_library_forward(nxt):
+    x = torch.randn(3, 3, 336, 336, generator=torch.Generator().manual_seed(0))  # base + two crops (layout 1x2)
+    hidden = nxt.hidden_before_scoring(x)
+    ours = nxt.project(nxt.select_patches(nxt.scoring_layer(hidden)))
+    out = nxt.model.model.vision_tower(x, output_hidden_states=True)
+    theirs = nxt.project(out.hidden_states[nxt.vision.feature_layer][:, 1:])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# --- anyres preprocessing parity ----------------------------------------------------------------------------------
+
+# (width, height): square, 2:1, 1:3, tiny, over 4000 px, and odd sizes that pad unevenly
+SIZES = [(500, 500), (800, 400), (400, 800), (300, 900), (13, 20), (4100, 1500), (1000, 337), (336, 1009), (640, 480)]
+
+
+def _photo(size, seed=0):
+    w, h = size
+    rng = np.random.default_rng(seed)
+    small = np.asarray(make_sample_image(min(w, 640), min(h, 640)).resize((w, h)))
+    return Image.fromarray(np.clip(small.astype(int) + rng.integers(-25, 25, small.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
+def test_anyres_preprocessing_matches_the_processor(nxt, size):
+    image = _photo(size, seed=size[0])
+    ours, hw, layout = AnyresPreprocessor(nxt.preprocessing.to_dict(), nxt.side)(image)
+    theirs = nxt.processor.image_processor(image, return_tensors="np")
+    pv = theirs["pixel_values"][0]
+    n = layout.num_views
+    assert hw == tuple(int(v) for v in theirs["image_sizes"][0]) == (size[1], size[0])
+    assert layout.pinpoint == select_best_resolution(hw, nxt.model.config.image_grid_pinpoints)
+    assert ours.shape == (n, 3, 336, 336) and ours.dtype == np.float32
+    assert not pv[n:].any()  # the processor pads the batch with empty views beyond this layout's
+    diff = float(np.abs(ours - pv[:n]).max())
+    assert diff <= 1e-5, diff
+
+
+def test_modes_and_alpha_follow_the_processor(nxt):
+    rgba = _photo((700, 300)).convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 700)).astype(np.uint8)))
+    for image in (rgba, _photo((300, 700)).convert("L")):
+        ours, _, layout = AnyresPreprocessor(nxt.preprocessing.to_dict(), nxt.side)(image)
+        theirs = nxt.processor.image_processor(image, return_tensors="np")["pixel_values"][0][: layout.num_views]
+        assert float(np.abs(ours - theirs).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("size", SIZES + [(1, 1), (2000, 1), (1, 2000), (671, 673)])
+def test_unpadding_and_token_count_match_transformers(nxt, size):
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    w, h = size
+    layout = AnyresPreprocessor(nxt.preprocessing.to_dict(), nxt.side).layout((h, w))
+    rh, rw = layout.raster
+    grid = torch.arange(rh * rw, dtype=torch.float32).reshape(1, rh, rw)
+    kept = unpad_image(grid, (h, w))
+    top, bottom, left, right = unpadded_span((h, w), layout.raster)
+    assert torch.equal(kept, grid[:, top:bottom, left:right])
+    assert layout.valid_mask((h, w)).sum() == kept.numel()
+    expected = nxt.processor._get_number_of_features(h, w, 336, 336) - 1  # "default" drops CLS
+    assert layout.num_tokens((h, w), nxt.side**2) == expected
