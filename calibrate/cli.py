@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from vlmprune.bundle import checksums, load_manifest, write_manifest
+from vlmprune.atomic import DirLock, clean_leftovers, make_temp_dir, remove_temp, swap_dirs
+from vlmprune.bundle import Bundle
 from vlmprune.cli_common import main_wrapper, quiet_libraries
 from vlmprune.errors import VlmpruneError
+from vlmprune.integrity import make_record, write_record
+
+OUT = "int8"  # the calibration's own subfolder: qdq/, calib/, report.json, record.json
 
 
 def _parser():
@@ -36,15 +37,15 @@ def _progress():
     return lambda it, **kw: tqdm(it, file=sys.stderr, **kw)
 
 
-def _text_embeds(bundle: Path, manifest: dict, count: int) -> list[np.ndarray]:
+def _text_embeds(bundle, manifest: dict, count: int) -> list[np.ndarray]:
     from vlmprune.runtime.backends import OrtBackend
-    from tokenizers import Tokenizer
+    from vlmprune.runtime.prompt import load_tokenizer
 
     from .data import PROMPTS
 
     spec = manifest["text_encoder"]
-    tok = Tokenizer.from_file(str(bundle / spec["tokenizer"]))
-    enc = OrtBackend(bundle / spec["file"])
+    tok = load_tokenizer(bundle.path(spec["tokenizer"]), "CLIP tokenizer")
+    enc = OrtBackend(bundle.path(spec["file"]))
     embeds = [enc.run({"input_ids": np.asarray([tok.encode(p).ids])})["text_embeds"] for p in PROMPTS]
     return [embeds[i % len(embeds)] for i in range(count)]
 
@@ -59,16 +60,46 @@ def main(argv=None):
 
     if args.num < 1:
         raise VlmpruneError(f"--num {args.num} must be at least 1", "e.g. --num 256")
-    bundle = args.bundle
-    manifest = load_manifest(bundle)
+    if args.holdout < 0:
+        raise VlmpruneError(f"--holdout {args.holdout} must be 0 or more", "e.g. --holdout 8")
+    bundle = Bundle.open(args.bundle)
+    manifest = bundle.manifest
+    # Everything goes to a temporary folder inside the bundle and replaces int8/ in one step, with its own record:
+    # the export's record is never touched, and a killed run leaves only a marked leftover (removed next time).
+    with DirLock(bundle.folder, OUT, f"{bundle.folder / OUT}"):
+        for line in clean_leftovers(bundle.folder):
+            print(line, file=sys.stderr)
+        tmp = make_temp_dir(bundle.folder, OUT)
+        try:
+            meta = _calibrate(args, bundle, manifest, tmp, load_calibration_images, quantize, accuracy,
+                              tensorrt_available, write_cache)
+            write_record(tmp, make_record(tmp, written_by="prune-calibrate", meta=meta))
+            old = swap_dirs(tmp, bundle.folder / OUT)
+            if old is not None:
+                remove_temp(old)
+        except BaseException:
+            remove_temp(tmp)
+            raise
+    report = meta["accuracy"]
+    print(f"{'bucket':>16} | index overlap (mean / min) | embedding rel. error | cosine")
+    for name, r in report.items():
+        print(f"{name:>16} | {r['kept_index_overlap_mean']:.3f} / {r['kept_index_overlap_min']:.3f}"
+              f"               | {r['embedding_relative_error_mean']:.4f}               | {r['embedding_cosine_mean']:.4f}")
+    print(f"Q/DQ graphs in {bundle.folder / OUT / 'qdq'} ({meta['tool']}); TensorRT calibration caches "
+          f"{meta['calibration_caches']}")
+    return 0
+
+
+def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quantize, accuracy, tensorrt_available,
+               write_cache) -> dict:
     progress = _progress()
     pixels, skipped = load_calibration_images(args.images, manifest["preprocessing"], args.num + args.holdout, progress)
     holdout = min(args.holdout, max(0, len(pixels) - 1))
     calib_px, eval_px = pixels[: len(pixels) - holdout], pixels[len(pixels) - holdout:] if holdout else pixels[:1]
     print(f"calibration images: {len(calib_px)} (+{holdout} held out for the report), {skipped} unreadable skipped",
           file=sys.stderr)
-    calib_dir = bundle / "calib"
-    calib_dir.mkdir(exist_ok=True)
+    calib_dir = tmp / "calib"
+    calib_dir.mkdir()
     np.save(calib_dir / "pixel_values.npy", calib_px)  # the batches, for trtexec --loadInputs or a later cache build
     text_all = _text_embeds(bundle, manifest, len(pixels)) if manifest.get("text_encoder") else None
 
@@ -78,38 +109,24 @@ def main(argv=None):
                 for i in range(len(px))]
 
     report, tool = {}, None
-    scoring_scope = f"/layers.{manifest['model']['vision']['layers_run'] - 1}/self_attn/"
+    layers_run = (manifest.get("model") or {}).get("vision", {}).get("layers_run")
+    scopes = (f"/layers.{int(layers_run) - 1}/self_attn/",) if isinstance(layers_run, int) and layers_run > 0 else ()
     buckets = manifest["vision"]["buckets"]
     iterator = progress(buckets, desc="quantise", unit="bucket") if progress else buckets
-    # Q/DQ graphs are written to a temporary folder and moved into place only when every bucket is done.
-    qdq_tmp = Path(tempfile.mkdtemp(prefix=".qdq.tmp-", dir=bundle))
-    try:
-        for bucket in iterator:
-            src = bundle / bucket["file"]
-            out = qdq_tmp / bucket["file"].replace(".onnx", ".qdq.onnx")
-            calib_feeds = feeds_for(bucket, calib_px, 0)
-            tool = quantize(src, out, calib_feeds, args.algo, float_scopes=(scoring_scope,))
-            report[bucket["name"]] = accuracy(src, out, feeds_for(bucket, eval_px, len(calib_px)))
-            if tensorrt_available():  # pragma: no cover - needs TensorRT
-                write_cache(src, calib_dir / f"{bucket['name']}.cache", calib_feeds, args.algo)
-        if (bundle / "qdq").exists():
-            shutil.rmtree(bundle / "qdq")
-        os.replace(qdq_tmp, bundle / "qdq")
-    except BaseException:
-        shutil.rmtree(qdq_tmp, ignore_errors=True)
-        raise
+    qdq = {}
+    for bucket in iterator:
+        src = bundle.path(bucket["file"])
+        rel = "qdq/" + bucket["file"].replace(".onnx", ".qdq.onnx")
+        calib_feeds = feeds_for(bucket, calib_px, 0)
+        tool = quantize(src, tmp / rel, calib_feeds, args.algo, float_scopes=scopes)
+        report[bucket["name"]] = accuracy(src, tmp / rel, feeds_for(bucket, eval_px, len(calib_px)))
+        qdq[bucket["name"]] = rel
+        if tensorrt_available():  # pragma: no cover - needs TensorRT
+            write_cache(src, calib_dir / f"{bucket['name']}.cache", calib_feeds, args.algo)
     caches = "written" if tensorrt_available() else "not written (TensorRT is not installed here; use the Q/DQ graphs)"
-    manifest["int8"] = {
-        "algo": args.algo, "tool": tool, "images": int(len(calib_px)), "skipped": skipped,
-        "qdq": {b["name"]: "qdq/" + b["file"].replace(".onnx", ".qdq.onnx") for b in buckets},
-        "calibration_caches": caches, "accuracy": report,
+    meta = {
+        "for_manifest": bundle.manifest_sha, "algo": args.algo, "tool": tool, "images": int(len(calib_px)),
+        "skipped": skipped, "qdq": qdq, "calibration_caches": caches, "accuracy": report,
     }
-    (calib_dir / "report.json").write_text(json.dumps(manifest["int8"], indent=2) + "\n")
-    manifest["files"] = checksums(bundle)
-    write_manifest(bundle, manifest)
-    print(f"{'bucket':>16} | index overlap (mean / min) | embedding rel. error | cosine")
-    for name, r in report.items():
-        print(f"{name:>16} | {r['kept_index_overlap_mean']:.3f} / {r['kept_index_overlap_min']:.3f}"
-              f"               | {r['embedding_relative_error_mean']:.4f}               | {r['embedding_cosine_mean']:.4f}")
-    print(f"Q/DQ graphs in {bundle / 'qdq'} ({tool}); TensorRT calibration caches {caches}")
-    return 0
+    (tmp / "report.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

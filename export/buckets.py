@@ -11,7 +11,7 @@ from vlmprune.prune import METHODS, MethodSpec
 @dataclass(frozen=True)
 class Bucket:
     method: str
-    keep: float  # the ratio asked for (K / N when given as tokens)
+    keep: float  # the ratio asked for (K / N when given as tokens, or when the method fixes K, as pool does)
     k: int  # what the graph returns: the manifest's truth
     options: tuple[tuple[str, object], ...] = ()
 
@@ -37,6 +37,7 @@ def plan_buckets(spec: MethodSpec, options: dict, n: int, grid: tuple[int, int],
     """The buckets to export, the ``none`` reference first; duplicates (same K) are dropped."""
     if not keeps and not tokens:
         raise VlmpruneError("no budget given", "use --keep 0.25[,0.5,...] or --tokens 144[,...]")
+    spec.check_grid(options, grid)
     buckets = [Bucket("none", 1.0, n)]
     seen = {("none", n)}
     opts = tuple(sorted(options.items()))
@@ -44,7 +45,7 @@ def plan_buckets(spec: MethodSpec, options: dict, n: int, grid: tuple[int, int],
     for kind, value in requests:
         if kind == "keep":
             k = spec.resolve_k(n, grid, keep=float(value), options=options)
-            keep = float(value)
+            keep = round(k / n, 6) if spec.fixed_k else float(value)  # pool holds N/4 whatever was asked
         else:
             k = spec.resolve_k(n, grid, tokens=int(value), options=options)
             keep = round(k / n, 6)

@@ -21,6 +21,21 @@ def _options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+class _ListOptions(argparse.Action):
+    """Prints the registry's options and exits, before the required arguments are checked (as --help does)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from vlmprune.prune import METHODS
+
+        for spec in METHODS.values():
+            print(f"{spec.name}: {spec.description}")
+            print("\n".join(spec.describe_options()))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vlmprune.prune import METHODS
 
@@ -36,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--keep", help="keep ratio(s), comma-separated, each in (0, 1]: e.g. 0.25,0.5")
     budget.add_argument("--tokens", help="token budget(s) K, comma-separated")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option (repeatable); ranges and defaults: --list-options")
+    p.add_argument("--list-options", action=_ListOptions, help="print every method's options, defaults and ranges")
     p.add_argument("--out", type=Path, help="output folder (default: exports/<model>-<method>)")
     p.add_argument("--target", default=DEFAULT_TARGET, choices=sorted(TARGETS), help="TensorRT target: opset and lint")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import onnx
 import torch
 
 import vlmprune
-from vlmprune.bundle import SCHEMA_VERSION, checksums, write_manifest
+from vlmprune.bundle import SCHEMA_VERSION, write_manifest
 from vlmprune.errors import VlmpruneError
 from vlmprune.prune import get_method
 from vlmprune.prune.registry import validate_keep
@@ -28,6 +26,7 @@ from .lint import lint_all_targets
 from .onnx_io import export_onnx, externalize
 from .precision import fp16_vision
 from .progress import Steps
+from .publish import claim
 from .targets import get_target
 from .validate import summarise, validate_decoder, validate_text_encoder, validate_vision
 
@@ -110,11 +109,16 @@ def export_bundle(req: ExportRequest, steps: Steps | None = None) -> ExportResul
         if k < 1:
             raise VlmpruneError(f"--tokens {k} must be at least 1", "give a positive token budget")
     out = Path(req.out or default_out(req.model, req.method))
-    if out.exists() and not req.force:
-        raise VlmpruneError(f"output folder {out} already exists", "pass --force to replace it or choose --out")
+    with claim(out, req.force, sources=(req.model, req.clip)) as place:  # one writer per --out, see publish.py
+        for line in place.cleaned:
+            steps.log(line)
+        return _export(req, steps, spec, target, options, out, place)
 
+
+def _export(req: ExportRequest, steps: Steps, spec, target, options, out: Path, place) -> ExportResult:
+    """The export proper, while ``place`` (the claim on ``--out``) is held."""
     torch.set_grad_enabled(False)
-    with steps.step(f"load model {req.model}"):
+    with steps.step(f"load model {req.model}"), loading_errors(req.model):
         from vlmprune.models import load_model
 
         adapter = load_model(req.model, clip=req.clip, trust_remote_code=req.trust_remote_code)
@@ -128,29 +132,39 @@ def export_bundle(req: ExportRequest, steps: Steps | None = None) -> ExportResul
         )
     steps.log(f"buckets: {', '.join(f'{b.name} (keep {b.keep})' for b in buckets)}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    sources = (req.model, req.clip, adapter.path, getattr(adapter.clip, "path", None))
+    place.check(sources)  # the resolved model folders are known now
+    tmp = place.make_temp()
     try:
         result = _build(req, adapter, spec, options, buckets, target, needs_text, tmp, steps)
-        _publish(tmp, out)
+        place.publish(tmp, sources)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        place.discard(tmp)
         raise
     result.path = out
     steps.log(f"bundle written to {out} in {steps.elapsed:.1f}s")
     return result
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an existing one (--force) is moved aside first, then removed."""
-    tmp.chmod(0o755)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+try:  # safetensors' own error type is not an OSError: a truncated file raises it from the header parser
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # pragma: no cover - safetensors comes with the export extra
+    _SafetensorError = OSError
+
+
+@contextlib.contextmanager
+def loading_errors(model: str):
+    """A checkpoint that cannot be read (truncated or empty safetensors, missing processor files, bad JSON) is the
+    user's input, not a bug: one line naming it."""
+    try:
+        yield
+    except VlmpruneError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, _SafetensorError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise VlmpruneError(f"cannot load model {model}: {type(exc).__name__}: {first}",
+                            "check that it is a complete Hugging Face checkpoint (config, safetensors, tokenizer, "
+                            "processor files)") from None
 
 
 def _build(req, adapter, spec, options, buckets: list[Bucket], target, needs_text, tmp: Path, steps: Steps):
@@ -316,5 +330,4 @@ def _manifest(req, adapter, spec, options, buckets, target, graphs, decoder_mode
             "tokenizer": "clip_tokenizer.json", "max_length": adapter.clip.max_length,
             "projection_dim": adapter.clip.projection_dim,
         }
-    manifest["files"] = checksums(folder)
     return manifest

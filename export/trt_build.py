@@ -13,19 +13,19 @@ an engine built for another TensorRT version or GPU.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmprune.bundle import checksums, load_manifest, write_manifest
+from vlmprune.atomic import DirLock, clean_leftovers, make_temp_dir, remove_temp, swap_dirs
+from vlmprune.bundle import Bundle
 from vlmprune.cli_common import main_wrapper
+from vlmprune.integrity import make_record, write_record
 from vlmprune.errors import VlmpruneError
 
 from .targets import TARGETS, Target, get_target
@@ -80,7 +80,7 @@ def plan_jobs(bundle: Path, manifest: dict, target: Target, precision: str, deco
             if target.trt_version >= (11, 0) or (target.trt_version >= (10, 0) and qdq.exists()):
                 job.onnx = qdq
             else:
-                job.calib_cache = bundle / "calib" / f"{b['name']}.cache"
+                job.calib_cache = bundle / "int8" / "calib" / f"{b['name']}.cache"
         jobs.append(job)
     if manifest.get("text_encoder"):
         te = manifest["text_encoder"]
@@ -104,7 +104,8 @@ def _merge_max(a: str, b: str) -> str:
 
 
 def _qdq_path(bundle: Path, bucket: dict) -> Path:
-    return bundle / "qdq" / bucket["file"].replace(".onnx", ".qdq.onnx")
+    """Where prune-calibrate puts a bucket's Q/DQ graph (its own int8/ folder, see calibrate/cli.py)."""
+    return bundle / "int8" / "qdq" / bucket["file"].replace(".onnx", ".qdq.onnx")
 
 
 def trtexec_command(job: EngineJob, target: Target, precision: str, workspace_mib: int,
@@ -244,8 +245,10 @@ def _parser():
 @main_wrapper("prune-build")
 def main(argv=None):
     args = _parser().parse_args(argv)
-    bundle = args.bundle
-    manifest = load_manifest(bundle)
+    opened = Bundle.open(args.bundle)
+    bundle, manifest = opened.folder, opened.manifest
+    if args.precision == "int8" and not args.dry_run:
+        opened.int8()  # Q/DQ graphs and caches are read only once their own record checks out
     names = list(TARGETS) if args.target == "all" else [t.strip() for t in args.target.split(",") if t.strip()]
     targets = [get_target(n) for n in names]
     if args.workspace < 64:
@@ -273,7 +276,7 @@ def main(argv=None):
             print(f"# {target.name} ({target.jetpack or 'x86/dGPU'}), precision {args.precision}")
             print("\n".join(lines))
             continue
-        _build(bundle, manifest, jobs, target, args)
+        _build(opened, jobs, target, args)
     return 0
 
 
@@ -298,31 +301,36 @@ def _check_inputs(jobs: list[EngineJob], precision: str, target: Target, dry_run
                                 "run `prune-calibrate BUNDLE --images DIR` first")
 
 
-def _build(bundle: Path, manifest: dict, jobs: list[EngineJob], target: Target, args) -> None:  # pragma: no cover
+def _build(opened: Bundle, jobs: list[EngineJob], target: Target, args) -> None:
+    """Engines go to a temporary folder, get their own record (with the TensorRT/GPU metadata), and replace
+    ``engines/<target>-<precision>/`` in one step; the export's record and manifest are never rewritten."""
     final = jobs[0].engine.parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=bundle))
-    try:
-        entries = {}
-        for n, job in enumerate(jobs, 1):
-            job.engine = tmp / job.engine.name
-            print(f"[{n}/{len(jobs)}] building {job.name} ...", file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            if args.via == "trtexec":
-                meta = build_with_trtexec(job, trtexec_command(job, target, args.precision, args.workspace,
-                                                               args.timing_cache, args.trtexec,
-                                                               manifest.get("precision", "fp32")), tmp)
-            else:
-                meta = build_with_api(job, target, args.precision, args.workspace, args.timing_cache)
-            print(f"[{n}/{len(jobs)}] {job.name} built in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-            entries[job.name] = f"engines/{final.name}/{job.engine.name}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    engines = manifest.setdefault("engines", {})
-    engines[final.name] = {"target": target.name, "precision": args.precision, "files": entries, **meta}
-    manifest["files"] = checksums(bundle)
-    write_manifest(bundle, manifest)
+    final.parent.mkdir(exist_ok=True)
+    with DirLock(final.parent, final.name, str(final)):
+        for line in clean_leftovers(final.parent):
+            print(line, file=sys.stderr)
+        tmp = make_temp_dir(final.parent, final.name)
+        try:
+            entries, meta = {}, {}
+            for n, job in enumerate(jobs, 1):
+                job.engine = tmp / job.engine.name
+                print(f"[{n}/{len(jobs)}] building {job.name} ...", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
+                if args.via == "trtexec":
+                    meta = build_with_trtexec(job, trtexec_command(job, target, args.precision, args.workspace,
+                                                                   args.timing_cache, args.trtexec,
+                                                                   opened.manifest.get("precision", "fp32")), tmp)
+                else:  # pragma: no cover - needs TensorRT and a GPU
+                    meta = build_with_api(job, target, args.precision, args.workspace, args.timing_cache)
+                print(f"[{n}/{len(jobs)}] {job.name} built in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+                entries[job.name] = job.engine.name
+            info = {"target": target.name, "precision": args.precision, "for_manifest": opened.manifest_sha,
+                    "files": entries, **{k: v for k, v in meta.items() if v is not None}}
+            write_record(tmp, make_record(tmp, written_by="prune-build", meta=info))
+            old = swap_dirs(tmp, final)
+            if old is not None:
+                remove_temp(old)
+        except BaseException:
+            remove_temp(tmp)
+            raise
     print(f"engines in {final} (TensorRT {meta.get('trt_version')}, {meta.get('gpu')})")

@@ -25,6 +25,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", help="ONNX Runtime provider (default: TensorRT, CUDA, CPU, whichever is present)")
     p.add_argument("--threads", type=int, help="intra-op threads")
     p.add_argument("--engines", help="run the vision graphs on TensorRT engines from prune-build, e.g. trt10-fp16")
+    p.add_argument("--verify", default="quick", choices=["quick", "full"],
+                   help="bundle check before loading: quick (sizes, small files hashed, a sample digest of large "
+                        "ones; default) or full (sha256 of every byte)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -48,7 +51,7 @@ def run_main(argv=None):
 
     image = _image(args.image)
     pipe = Pipeline(args.bundle, provider=args.provider, threads=args.threads, positions=args.positions,
-                    engines=args.engines)
+                    engines=args.engines, verify=args.verify)
     bucket, message = pipe.choose_bucket(args.keep)
     if not args.json:
         print(message, file=sys.stderr)
@@ -84,6 +87,7 @@ def viz_main(argv=None):
     from .pipeline import Pipeline
     from .viz import compose, model_view, overlay
 
+    _check_picture_path(args.out)
     image = _image(args.image)
     rows = []
     for folder in args.bundles:
@@ -99,7 +103,27 @@ def viz_main(argv=None):
             label = f"{bucket['method']} keep {bucket['keep']} ({bucket['k']}/{pipe.num_patches})"
             row.append(overlay(view, kept[0].tolist(), grid, label))
         rows.append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    compose(rows).save(args.out)
+    from PIL import Image
+
+    from vlmprune.atomic import atomic_output, ensure_folder
+
+    ensure_folder(args.out.parent, "-o")
+    with atomic_output(args.out) as tmp:  # a full disk or a kill leaves no half-written picture
+        compose(rows).save(tmp, format=Image.registered_extensions()[args.out.suffix.lower()])
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_picture_path(out: Path) -> None:
+    """``-o`` must name a file with an extension Pillow can write, before any work is done."""
+    from PIL import Image
+
+    from vlmprune.errors import VlmpruneError
+
+    if out.is_dir():
+        raise VlmpruneError(f"-o {out} is a folder", "give a file name such as kept.png")
+    Image.init()
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise VlmpruneError(f"-o {out}: unknown picture extension {out.suffix or '(none)'!r}",
+                            "use .png, .jpg or .webp")

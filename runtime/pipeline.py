@@ -3,6 +3,7 @@ decoder prefill -> generation, with per-stage timings. Torch- and transformers-f
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,14 +12,14 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from vlmprune.bundle import bucket_for, load_manifest
+from vlmprune.bundle import Bundle, bucket_for
 from vlmprune.errors import VlmpruneError
 
 from .backends import OrtBackend, OrtDecoder
 from .preprocess import Preprocessor, load_image
-from .prompt import PromptBuilder
+from .prompt import PromptBuilder, load_tokenizer
 from .sampling import next_token
-from .stitch import POSITION_MODES, stitch
+from .stitch import POSITION_MODES, next_position, stitch
 
 
 @dataclass
@@ -60,48 +61,53 @@ class Result:
 
 class Pipeline:
     def __init__(self, bundle: str | Path, *, provider: str | None = None, threads: int | None = None,
-                 positions: str = "contiguous", verify: bool = True, engines: str | None = None):
-        self.folder = Path(bundle)
-        self.manifest = load_manifest(self.folder, verify=verify)
+                 positions: str = "contiguous", verify: str = "quick", engines: str | None = None):
         if positions not in POSITION_MODES:
             raise VlmpruneError(f"unknown positions mode {positions!r}", f"choose one of {', '.join(POSITION_MODES)}")
+        if threads is not None and threads < 1:
+            raise VlmpruneError(f"--threads {threads} must be at least 1", "or leave it out for ONNX Runtime's default")
+        # Every file below is opened through self.bundle.path: only files of the verified integrity record.
+        self.bundle = Bundle.open(bundle, verify)
+        self.folder = self.bundle.folder
+        self.manifest = self.bundle.manifest
         self.positions = positions
         self.provider = provider
         self.threads = threads
         m = self.manifest
         self.preprocess = Preprocessor(m["preprocessing"])
-        self.prompt = PromptBuilder(self.folder, m["prompt"])
+        self.prompt = PromptBuilder(self.bundle.path(m["prompt"]["tokenizer"]), m["prompt"])
         emb = m["decoder"]["embeddings"]
-        self.table = np.load(self.folder / emb["file"], mmap_mode="r")
-        if list(self.table.shape) != emb["shape"]:
-            raise VlmpruneError(f"{emb['file']} has shape {self.table.shape}, the manifest says {emb['shape']}", "re-export")
+        try:  # never pickle: allow_pickle stays False
+            self.table = np.load(self.bundle.path(emb["file"]), mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise VlmpruneError(f"cannot read {emb['file']}: {str(exc)[:160]}", "re-export the bundle") from None
+        if list(self.table.shape) != emb["shape"] or self.table.dtype.name != emb["dtype"]:
+            raise VlmpruneError(f"{emb['file']} is {self.table.dtype.name} {list(self.table.shape)}, the manifest says "
+                                f"{emb['dtype']} {emb['shape']}", "re-export")
         self.decoder_spec = m["decoder"]
         self.decoder = OrtDecoder(self._backend(m["decoder"]["file"]), m["decoder"])
         self.num_patches = m["vision"]["view"]["num_patches"]
         self._vision: dict[str, OrtBackend] = {}
         self.engines = None
-        if engines is not None:  # TensorRT engines from prune-build for the vision graphs
-            built = m.get("engines") or {}
-            if engines not in built:
-                raise VlmpruneError(f"the bundle has no engines {engines!r}",
-                                    f"build them with prune-build; available: {', '.join(built) or 'none'}")
-            self.engines = built[engines]
+        if engines is not None:  # TensorRT engines from prune-build for the vision graphs, verified like the bundle
+            self.engines = self.bundle.engines(engines)
         self._text = None
         if m["text_encoder"]:
-            from tokenizers import Tokenizer
-
-            self._clip_tokenizer = Tokenizer.from_file(str(self.folder / m["text_encoder"]["tokenizer"]))
+            self._clip_tokenizer = load_tokenizer(self.bundle.path(m["text_encoder"]["tokenizer"]), "CLIP tokenizer")
 
     def _backend(self, file: str) -> OrtBackend:
-        return OrtBackend(self.folder / file, self.provider, self.threads)
+        return OrtBackend(self.bundle.path(file), self.provider, self.threads)
 
     def vision_backend(self, bucket: dict) -> OrtBackend:
         if bucket["name"] not in self._vision:  # one bucket's session at a time is what an edge box can afford
             if self.engines is not None:
                 from .trt_backend import TrtBackend
 
-                self._vision[bucket["name"]] = TrtBackend(self.folder / self.engines["files"][bucket["name"]],
-                                                          self.engines)
+                rel = self.engines.meta["files"].get(bucket["name"])
+                if rel is None:
+                    raise VlmpruneError(f"engines {self.engines.folder.name} have no engine for bucket {bucket['name']}",
+                                        "rebuild them with prune-build, or run without --engines")
+                self._vision[bucket["name"]] = TrtBackend(self.engines.path(rel), self.engines.meta)
             else:
                 self._vision[bucket["name"]] = self._backend(bucket["file"])
         return self._vision[bucket["name"]]
@@ -153,8 +159,11 @@ class Pipeline:
             raise VlmpruneError(f"--max-new-tokens {max_new_tokens} must be at least 1", "give a positive number")
         if not 0 < top_p <= 1:
             raise VlmpruneError(f"top-p {top_p} is outside (0, 1]", "give e.g. --top-p 0.9")
-        if temperature < 0:
-            raise VlmpruneError(f"temperature {temperature} is negative", "use 0 for greedy or a positive value")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise VlmpruneError(f"temperature {temperature} is not a finite number >= 0",
+                                "use 0 for greedy or a positive value")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise VlmpruneError(f"--seed {seed} is negative or too large", "give a seed in 0..2**63-1")
         if bucket is None:
             bucket, _ = self.choose_bucket(keep)
         self.prepare(bucket)
@@ -173,6 +182,13 @@ class Pipeline:
                 f"the prompt is {prompt_len} tokens ({len(ids) - 1} text + {k} image), which fills the model's "
                 f"context of {max_ctx}",
                 "shorten the prompt or use a bucket with fewer visual tokens (--keep)",
+            )
+        span = next_position(len(ids), ids.index(self.prompt.image_token_id), k, self.num_patches, self.positions)
+        if span >= max_ctx:  # original positions leave gaps: the last position id counts, not the token count
+            raise VlmpruneError(
+                f"with --positions original the prompt's position ids reach {span - 1} ({self.num_patches} image "
+                f"positions), past the model's context of {max_ctx}",
+                "shorten the prompt or use --positions contiguous",
             )
         t0 = time.perf_counter()
         image_embeds, kept, text_ms = self.vision(pixels, bucket, prompt)

@@ -8,14 +8,22 @@ clipped, palette and grayscale images are expanded, and huge or corrupt files ge
 
 from __future__ import annotations
 
+import os
+import stat
+import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmprune.errors import VlmpruneError
 
 MAX_PIXELS = 100_000_000  # 100 MP: larger inputs are refused before decoding
+MAX_FILE_BYTES = 1 << 30  # no photo format needs more; a larger "image" is refused before it is read
+# Above this many output pixels the shortest-edge resize computes only the part the center crop keeps (Pillow's
+# ``box``): a 10000x1 image would otherwise resize to 336 x 3,360,000. Below it the whole image is resized, exactly
+# as transformers does.
+DIRECT_RESIZE_MAX_PIXELS = 16_000_000
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -26,34 +34,54 @@ _FILTERS = {
 }
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image file, refusing missing, corrupt or oversized ones with one clear line."""
-    path = Path(path)
-    if not path.exists():
-        raise VlmpruneError(f"image {path} does not exist", "check the path")
-    if path.is_dir():
-        raise VlmpruneError(f"image {path} is a folder", "pass an image file")
+def _open_regular(path: Path):
+    """The file as a binary stream, refusing anything that is not a regular file. Opened non-blocking and checked on
+    the open descriptor, so a FIFO cannot hang us and a file swapped after a check cannot slip through."""
     try:
-        # Our own limit replaces Pillow's bomb check while the header is read, so the message can name the size.
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise VlmpruneError(f"image {path} does not exist", "check the path") from None
+    except OSError as exc:
+        raise VlmpruneError(f"cannot open image {path}: {exc.strerror}", "check the path and its permissions") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+        raise VlmpruneError(f"image {path} is {kind}", "pass an image file")
+    if st.st_size > MAX_FILE_BYTES:
+        os.close(fd)
+        raise VlmpruneError(f"image {path} is {st.st_size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES >> 20} MiB limit",
+                            "downscale or recompress it first")
+    return os.fdopen(fd, "rb")
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image file, refusing missing, corrupt, oversized or non-regular ones with one clear
+    line. The EXIF orientation is applied, as transformers' ``load_image`` does (a phone photo arrives upright)."""
+    path = Path(path)
+    with _open_regular(path) as f:
         try:
-            image = Image.open(path)  # lazy: reads the header only
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-        w, h = image.size
-        if w * h > max_pixels:
-            raise VlmpruneError(
-                f"image {path} is {w}x{h} ({w * h / 1e6:.0f} MP), over the {max_pixels / 1e6:.0f} MP limit",
-                "downscale it first (the model sees 336x336 anyway)",
-            )
-        image.load()
-    except VlmpruneError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise VlmpruneError(f"image {path} is too large to decode safely ({exc})", "downscale it first") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise VlmpruneError(f"cannot read image {path}: corrupt or not a supported format ({exc})",
-                            "pass a valid PNG, JPEG, WebP, BMP or TIFF file") from None
+            # Our own limit replaces Pillow's bomb check while the header is read, so the message can name the size.
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                image = Image.open(f)  # lazy: reads the header only
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+            w, h = image.size
+            if w * h > max_pixels:
+                raise VlmpruneError(
+                    f"image {path} is {w}x{h} ({w * h / 1e6:.0f} MP), over the {max_pixels / 1e6:.0f} MP limit",
+                    "downscale it first (the model sees 336x336 anyway)",
+                )
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+        except VlmpruneError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise VlmpruneError(f"image {path} is too large to decode safely ({exc})", "downscale it first") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+            raise VlmpruneError(f"cannot read image {path}: corrupt or not a supported format ({exc})",
+                                "pass a valid PNG, JPEG, WebP, BMP or TIFF file") from None
     return image
 
 
@@ -81,14 +109,38 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_shortest_edge(image: Image.Image, shortest: int, resample: str) -> Image.Image:
-    w, h = image.size
+def shortest_edge_size(size: tuple[int, int], shortest: int) -> tuple[int, int]:
+    w, h = size
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = shortest, int(shortest * long / short)  # truncation, as transformers
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) == (w, h):
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def resize_shortest_edge(image: Image.Image, shortest: int, resample: str) -> Image.Image:
+    new_w, new_h = shortest_edge_size(image.size, shortest)
+    if (new_w, new_h) == image.size:
         return image
+    if new_w * new_h > DIRECT_RESIZE_MAX_PIXELS:
+        raise VlmpruneError(f"an image of {image.size[0]}x{image.size[1]} resizes to {new_w}x{new_h} pixels",
+                            "crop it to a less extreme aspect ratio first")
     return image.resize((new_w, new_h), _FILTERS[resample])
+
+
+def resize_then_crop(image: Image.Image, shortest: int, resample: str, crop: tuple[int, int]) -> Image.Image:
+    """The part of the shortest-edge resize that a center crop of ``crop`` (height, width) keeps, computed directly:
+    Pillow's ``box`` resamples a source region with the full resize's scale and filter support, so memory and time
+    follow the crop, not the resized image."""
+    w, h = image.size
+    new_w, new_h = shortest_edge_size(image.size, shortest)
+    ch, cw = crop
+
+    def span(new, c):  # rows (or columns) of the resized image that the crop keeps
+        return ((new - c) // 2, c) if new >= c else (0, new)
+
+    (left, width), (top, height) = span(new_w, cw), span(new_h, ch)
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+    return image.resize((width, height), _FILTERS[resample], box=box)
 
 
 def center_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -127,7 +179,11 @@ class Preprocessor:
         if c.get("do_convert_rgb", True) or image.mode != "RGB":
             image = to_rgb(image)
         if c["do_resize"]:
-            image = resize_shortest_edge(image, c["resize_shortest_edge"], c["resample"])
+            new_w, new_h = shortest_edge_size(image.size, c["resize_shortest_edge"])
+            if c["do_center_crop"] and new_w * new_h > DIRECT_RESIZE_MAX_PIXELS:
+                image = resize_then_crop(image, c["resize_shortest_edge"], c["resample"], tuple(c["crop_size"]))
+            else:
+                image = resize_shortest_edge(image, c["resize_shortest_edge"], c["resample"])
         arr = np.asarray(image)
         if c["do_center_crop"]:
             arr = center_crop(arr, *c["crop_size"])

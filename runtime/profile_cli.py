@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmprune.atomic import DirLock, clean_leftovers, ensure_folder, make_temp_dir, remove_temp, swap_dirs
 from vlmprune.cli_common import main_wrapper
 from vlmprune.errors import VlmpruneError
 
@@ -36,7 +38,8 @@ def _row(name: str, bucket: dict | None, stats: dict, source: str, **extra) -> d
             "k": bucket["k"] if bucket else None, "source": source, **stats, **extra}
 
 
-def profile_ort(bundle: Path, manifest: dict, iterations: int, warmup: int) -> list[dict]:
+def profile_ort(bundle, manifest: dict, iterations: int, warmup: int) -> list[dict]:
+    """``bundle``: an opened ``vlmprune.bundle.Bundle`` (graphs are opened only through its verified record)."""
     from .backends import OrtBackend
     from .profile import timed
 
@@ -45,7 +48,7 @@ def profile_ort(bundle: Path, manifest: dict, iterations: int, warmup: int) -> l
     view = manifest["vision"]["view"]
     pixels = rng.standard_normal((1, 3, *view["image_size"])).astype(np.float32)
     for b in manifest["vision"]["buckets"]:
-        backend = OrtBackend(bundle / b["file"])
+        backend = OrtBackend(bundle.path(b["file"]))
         feeds = {"pixel_values": pixels}
         if "text_embeds" in backend.inputs:
             dim = manifest["text_encoder"]["projection_dim"]
@@ -75,25 +78,22 @@ def profile_logs(paths: list[Path], manifest: dict | None) -> list[dict]:
     return rows
 
 
-def profile_trt(bundle: Path, manifest: dict, iterations: int, warmup: int, engines_key: str | None,
-                trtexec: str) -> list[dict]:  # pragma: no cover - needs TensorRT and a GPU
-    engines = manifest.get("engines") or {}
-    if not engines:
-        raise VlmpruneError(f"{bundle} has no TensorRT engines", "build them with `prune-build` first")
-    key = engines_key or sorted(engines)[-1]
-    if key not in engines:
-        raise VlmpruneError(f"no engines {key!r} in the bundle", f"available: {', '.join(engines)}")
+def profile_trt(bundle, manifest: dict, iterations: int, warmup: int, engines_key: str | None,
+                trtexec: str, logs: Path) -> list[dict]:  # pragma: no cover - needs TensorRT and a GPU
+    names = bundle.engine_names()
+    if not names:
+        raise VlmpruneError(f"{bundle.folder} has no TensorRT engines", "build them with `prune-build` first")
+    engines = bundle.engines(engines_key or names[-1])
     if shutil.which(trtexec) is None:
         raise VlmpruneError(f"{trtexec} was not found on PATH", "install TensorRT or use --from-log / --backend ort")
-    logs = bundle / "profile" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     paths = []
-    major = int(str(engines[key].get("trt_version", "10")).split(".")[0])
+    major = int(str(engines.meta.get("trt_version") or "10").split(".")[0])
     pct = ",".join(map(str, PERCENTILES)) if major >= 10 else "99"  # 8.x takes one percentile
-    for name, rel in engines[key]["files"].items():
+    for name, rel in engines.meta["files"].items():
         if name in ("decoder", "text_encoder"):
             continue
-        cmd = [trtexec, f"--loadEngine={bundle / rel}", f"--iterations={iterations}", f"--warmUp={warmup}",
+        cmd = [trtexec, f"--loadEngine={engines.path(rel)}", f"--iterations={iterations}", f"--warmUp={warmup}",
                f"--percentile={pct}", "--useSpinWait"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         path = logs / f"{name}.log"
@@ -163,24 +163,55 @@ def _parser():
 @main_wrapper("prune-profile")
 def main(argv=None):
     args = _parser().parse_args(argv)
-    manifest = None
+    manifest = bundle = None
     if args.bundle is not None:
-        from vlmprune.bundle import load_manifest
+        from vlmprune.bundle import Bundle
 
-        manifest = load_manifest(args.bundle)
+        bundle = Bundle.open(args.bundle)
+        manifest = bundle.manifest
     elif not args.from_log:
         raise VlmpruneError("no bundle given", "pass BUNDLE, or --from-log FILE ... to parse saved trtexec logs")
     if args.iterations < 1:
         raise VlmpruneError(f"--iterations {args.iterations} must be at least 1", "e.g. --iterations 100")
-    if args.from_log:
-        rows, title = profile_logs(args.from_log, manifest), "trtexec GPU compute time (from logs)"
-    elif args.backend == "ort":
-        rows, title = profile_ort(args.bundle, manifest, args.iterations, args.warmup), "ONNX Runtime CPU latency"
-    else:
-        rows = profile_trt(args.bundle, manifest, args.iterations, args.warmup, args.engines, args.trtexec)
-        title = "TensorRT GPU compute time"
-    out = args.out or ((args.bundle / "profile") if args.bundle else Path("profile"))
-    written = write_outputs(rows, out, title)
+    if args.warmup < 0:
+        raise VlmpruneError(f"--warmup {args.warmup} must be 0 or more", "e.g. --warmup 10")
+    own = args.out is None and bundle is not None  # the bundle's profile/, never part of a checked set
+    out = Path(os.path.abspath(args.out or ((args.bundle / "profile") if args.bundle else Path("profile"))))
+    if out.exists() and not out.is_dir():
+        raise VlmpruneError(f"--out {args.out} is a file", "give a folder for the profile outputs")
+    # Outputs are made in a temporary folder, then the bundle's own profile/ is replaced in one step; a folder the
+    # user named gets each file replaced atomically and keeps whatever else it holds.
+    work = out.parent if own else out
+    ensure_folder(work, "--out")
+    with DirLock(work, "profile", str(out)):
+        clean_leftovers(work)
+        tmp = make_temp_dir(work, "profile")
+        try:
+            if args.from_log:
+                rows, title = profile_logs(args.from_log, manifest), "trtexec GPU compute time (from logs)"
+            elif args.backend == "ort":
+                rows = profile_ort(bundle, manifest, args.iterations, args.warmup)
+                title = "ONNX Runtime CPU latency"
+            else:
+                rows = profile_trt(bundle, manifest, args.iterations, args.warmup, args.engines, args.trtexec,
+                                   tmp / "logs")
+                title = "TensorRT GPU compute time"
+            made = write_outputs(rows, tmp, title)
+            if own:
+                old = swap_dirs(tmp, out)
+                if old is not None:
+                    remove_temp(old)
+            else:
+                for path in sorted(tmp.rglob("*")):
+                    if path.is_file():
+                        dest = out / path.relative_to(tmp)
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(path, dest)
+                remove_temp(tmp)
+        except BaseException:
+            remove_temp(tmp)
+            raise
+    written = [out / p.relative_to(tmp) for p in made]
     print((out / "profile.md").read_text())
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -1,59 +1,120 @@
-"""Prompt building at the edge: the bundle's tokenizer (``tokenizers``) and chat template (jinja2, sandboxed)."""
+"""Prompt building at the edge: the bundle's tokenizer (``tokenizers``) and chat template (``template``: sandboxed
+and bounded jinja2).
+
+What the user types is text. The image placeholder is the one control token a user may write (it says where the
+image goes); any other special token spelled in the prompt (``</s>``, ``<s>``, ``<pad>``, ...) is encoded as the
+characters it is made of, never as the control token. Prompts without such strings are tokenized exactly as the
+model's processor does (one pass over the rendered template).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from vlmprune.errors import VlmpruneError
 
+from .template import ChatTemplate
 
-def _template(source: str):
-    # The same environment settings transformers uses for chat templates.
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+_SENTINEL = "\ue000vlmprune-user-text\ue001"  # private-use characters: never in a real template
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
-    def raise_exception(message):
-        raise VlmpruneError(f"chat template: {message}", "check the prompt")
-
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
+def load_tokenizer(path: Path, what: str = "tokenizer") -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises plain Exception subclasses for unreadable JSON
+        first = (str(exc).splitlines() or [""])[0][:160]
+        raise VlmpruneError(f"cannot read the bundle's {what} {Path(path).name}: {first}", "re-export the bundle") from None
 
 
 class PromptBuilder:
-    def __init__(self, folder: Path, prompt_spec: dict):
+    def __init__(self, tokenizer_path: Path, prompt_spec: dict):
         self.spec = prompt_spec
-        self.tokenizer = Tokenizer.from_file(str(folder / prompt_spec["tokenizer"]))
+        self.tokenizer = load_tokenizer(tokenizer_path)
         self.image_token = prompt_spec["image_token"]
         self.image_token_id = int(prompt_spec["image_token_id"])
-        self.template = _template(prompt_spec["chat_template"]) if prompt_spec.get("chat_template") else None
+        self.template = ChatTemplate(prompt_spec["chat_template"]) if prompt_spec.get("chat_template") else None
+        added = self.tokenizer.get_added_tokens_decoder().values()
+        self.control = sorted({t.content for t in added if t.special and t.content} - {self.image_token}, key=len)
+
+    def _messages(self, text: str, count: int) -> str:
+        content = [{"type": "text", "text": text}] if count else [{"type": "image"}, {"type": "text", "text": text}]
+        return self.template.render(messages=[{"role": "user", "content": content}], add_generation_prompt=True)
 
     def render(self, prompt: str) -> str:
         """The full prompt text with exactly one image placeholder.
 
         A prompt that already holds the placeholder keeps it where the user put it; otherwise the chat template
         puts the image where the model expects it."""
+        _check_text(prompt)
         count = prompt.count(self.image_token)
         if count > 1:
             raise VlmpruneError(f"the prompt holds {count} image placeholders {self.image_token!r}",
                                 "vlmprune takes one image per prompt; keep at most one placeholder")
         if self.template is None:
             return prompt if count else f"{self.image_token}\n{prompt}"
-        if count:
-            content = [{"type": "text", "text": prompt}]
-        else:
-            content = [{"type": "image"}, {"type": "text", "text": prompt}]
-        return self.template.render(messages=[{"role": "user", "content": content}], add_generation_prompt=True)
+        return self._messages(prompt, count)
 
     def encode(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(self.render(prompt), add_special_tokens=True).ids
+        rendered = self.render(prompt)
+        if any(c in prompt for c in self.control):
+            ids = self._encode_with_literal_user_text(prompt, rendered)
+        else:
+            ids = self.tokenizer.encode(rendered, add_special_tokens=True).ids
         found = ids.count(self.image_token_id)
         if found != 1:
             raise VlmpruneError(f"the tokenized prompt holds {found} image tokens, expected 1",
                                 "check the bundle's chat template and image token")
         return ids
 
+    def _user_span(self, prompt: str, rendered: str) -> tuple[str, str]:
+        """The rendered text before and after the user's text."""
+        if self.template is not None:
+            marked = self._messages(_SENTINEL, prompt.count(self.image_token))
+            if marked.count(_SENTINEL) == 1:
+                before, after = marked.split(_SENTINEL)
+                if before + prompt + after == rendered:
+                    return before, after
+        if rendered.count(prompt) == 1:
+            before, _, after = rendered.partition(prompt)
+            return before, after
+        raise VlmpruneError("the prompt spells a control token (e.g. </s>) and the chat template changes the "
+                            "prompt's text, so it cannot be kept as plain text",
+                            "remove the control token from the prompt")
+
+    def _encode_with_literal_user_text(self, prompt: str, rendered: str) -> list[int]:
+        before, after = self._user_span(prompt, rendered)
+        parts = [self.tokenizer.encode(before, add_special_tokens=False)] if before else []
+        pieces = prompt.split(self.image_token)
+        if not hasattr(self.tokenizer, "encode_special_tokens"):  # tokenizers < 0.19
+            raise VlmpruneError("the prompt spells a control token (e.g. </s>), which this tokenizers version "
+                                "cannot keep as text", "remove it from the prompt, or pip install 'tokenizers>=0.19'")
+        self.tokenizer.encode_special_tokens = True  # special tokens spelled in the text are split as text
+        try:
+            texts = [self.tokenizer.encode(p, add_special_tokens=False) if p else None for p in pieces]
+        finally:
+            self.tokenizer.encode_special_tokens = False
+        image = self.tokenizer.encode(self.image_token, add_special_tokens=False)
+        for i, enc in enumerate(texts):
+            if i:
+                parts.append(image)
+            if enc is not None:
+                parts.append(enc)
+        if after:
+            parts.append(self.tokenizer.encode(after, add_special_tokens=False))
+        merged = Encoding.merge(parts or [self.tokenizer.encode("", add_special_tokens=False)], growing_offsets=True)
+        return self.tokenizer.post_process(merged, add_special_tokens=True).ids
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _check_text(prompt: str) -> None:
+    if not isinstance(prompt, str):
+        raise VlmpruneError("the prompt is not text", "pass a string")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates: bytes that were not UTF-8 on the command line
+        raise VlmpruneError(f"the prompt is not valid UTF-8 (at character {exc.start})",
+                            "pass the prompt as UTF-8 text") from None

@@ -25,18 +25,30 @@ def stitch(
     if positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}")
     where = ids.index(image_token_id)
-    before, after = np.asarray(ids[:where]), np.asarray(ids[where + 1 :])
+    # int64 even when empty: a prompt may end with the image (an empty float array is not an index)
+    before, after = np.asarray(ids[:where], np.int64), np.asarray(ids[where + 1 :], np.int64)
     k = image_embeds.shape[1]
     embeds = np.concatenate(
         [table[before], image_embeds[0].astype(table.dtype, copy=False), table[after]], axis=0
     )[None]
-    if positions == "contiguous":
-        pos = np.arange(embeds.shape[1], dtype=np.int64)
-        next_pos = embeds.shape[1]
-    else:
-        image_pos = where + kept_indices[0].astype(np.int64)
-        text_after = where + num_patches + np.arange(len(after), dtype=np.int64)
-        pos = np.concatenate([np.arange(where, dtype=np.int64), image_pos, text_after])
-        next_pos = where + num_patches + len(after)
+    pos = positions_for(len(ids), where, kept_indices[0], num_patches, positions)
+    next_pos = next_position(len(ids), where, k, num_patches, positions)
     assert pos.shape[0] == embeds.shape[1] == len(ids) - 1 + k
     return np.ascontiguousarray(embeds), pos[None], int(next_pos)
+
+
+def next_position(length: int, where: int, k: int, num_patches: int, positions: str = "contiguous") -> int:
+    """The position after the prompt: prompt tokens (``length`` ids, one image placeholder) with K image tokens in
+    ``contiguous`` mode; in ``original`` mode each image token keeps its place among all N, so the text after the
+    image starts at ``where + N``. Known before the vision graph runs, so the context check can come first."""
+    if positions == "contiguous":
+        return length - 1 + k
+    return where + num_patches + (length - where - 1)
+
+
+def positions_for(length: int, where: int, kept: np.ndarray, num_patches: int, positions: str) -> np.ndarray:
+    if positions == "contiguous":
+        return np.arange(length - 1 + len(kept), dtype=np.int64)
+    image_pos = where + np.asarray(kept).astype(np.int64)
+    text_after = where + num_patches + np.arange(length - where - 1, dtype=np.int64)
+    return np.concatenate([np.arange(where, dtype=np.int64), image_pos, text_after])

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from vlmprune.bundle import load_manifest
+from vlmprune.bundle import Bundle, load_manifest
 from vlmprune.calibrate.cli import main as calibrate_main
 from vlmprune.export.exporter import ExportRequest, export_bundle
 from vlmprune.export.progress import Steps
@@ -44,11 +44,15 @@ def images(tmp_path_factory):
 def test_calibrate_writes_qdq_graphs_with_an_accuracy_report(bundle, images, capsys):
     assert calibrate_main.run([str(bundle), "--images", str(images), "--num", "6", "--holdout", "3",
                                "--algo", "minmax"]) == 0
-    manifest = load_manifest(bundle)  # checksums updated for the new files
-    int8 = manifest["int8"]
+    before = (bundle / "record.json").read_bytes()
+    opened = Bundle.open(bundle, "full")  # the export's record is untouched and still holds
+    assert (bundle / "record.json").read_bytes() == before and "int8" not in opened.manifest
+    int8 = opened.int8().meta  # the calibration's own folder and record, verified
     assert int8["skipped"] == 1 and int8["images"] == 6 and int8["tool"] == "onnxruntime.quantization"
     assert "not written (TensorRT is not installed here" in int8["calibration_caches"]
+    assert oct((bundle / "int8" / "qdq").stat().st_mode & 0o777) != oct(0o700)
     for name, rel in int8["qdq"].items():
+        rel = "int8/" + rel
         model = onnx.load(str(bundle / rel), load_external_data=False)
         ops = {n.op_type for n in model.graph.node}
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -63,7 +67,8 @@ def test_calibrate_writes_qdq_graphs_with_an_accuracy_report(bundle, images, cap
         assert sess.get_outputs()[1].name == "kept_indices"
     assert int8["accuracy"]["none-k576"]["kept_index_overlap_mean"] == 1.0
     assert "index overlap" in capsys.readouterr().out
-    assert (bundle / "calib" / "report.json").exists() and (bundle / "calib" / "pixel_values.npy").exists()
+    assert (bundle / "int8" / "report.json").exists() and (bundle / "int8" / "calib" / "pixel_values.npy").exists()
+    assert not [p for p in bundle.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
 def test_calibrate_bad_input(bundle, tmp_path, capsys):

@@ -84,10 +84,10 @@ def test_manifest_checksums_cover_every_file_and_detect_changes(bundles, tmp_pat
     src = bundles["fopru"].path
     copy = tmp_path / "copy"
     shutil.copytree(src, copy)
-    manifest = load_manifest(copy)
-    listed = set(manifest["files"])
-    on_disk = {p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()} - {"manifest.json"}
-    assert listed == on_disk
+    load_manifest(copy)
+    listed = set(json.loads((copy / "record.json").read_text())["files"])
+    on_disk = {p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()} - {"record.json"}
+    assert listed == on_disk and "manifest.json" in listed  # every file the export wrote, the manifest included
     with open(copy / "vision.weights", "r+b") as f:
         f.seek(5000)
         f.write(b"\x01\x02")
@@ -154,16 +154,22 @@ def test_row_strategy_records_what_it_returns(tmp_path):
 # --- atomic writes and bad input -------------------------------------------------------------------------------------
 
 
-def test_existing_folder_needs_force(tmp_path, capsys):
+def test_existing_folder_needs_force_and_force_replaces_only_a_bundle(tmp_path, capsys):
     out = tmp_path / "b"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     assert export_main.run(["--method", "fopru", "--keep", "0.25", "--out", str(out), "--quiet"]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
-    assert export_main.run(["--method", "fopru", "--keep", "0.25", "--out", str(out), "--quiet", "--force",
-                            "--no-validate"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+    args = ["--method", "fopru", "--keep", "0.25", "--out", str(out), "--quiet", "--force", "--no-validate"]
+    assert export_main.run(args) == 2  # a folder of the user's files is not a bundle: never deleted
+    assert "--force replaces only a vlmprune bundle" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    (out / "manifest.json").write_text(json.dumps({"created_by": {"vlmprune": "0.1.0"}}))  # a (broken) bundle
+    assert export_main.run(args) == 0
+    assert export_main.run(args) == 0  # and a bundle replaces a bundle
+    assert (out / "manifest.json").exists() and (out / "record.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary folder, sidecar or lock left
 
 
 def test_failed_validation_publishes_nothing(tmp_path, monkeypatch):
@@ -205,6 +211,14 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
         (["--method", "fopru", "--keep", "a,b"], "is not a comma-separated list"),
         (["--method", "fopru", "--keep", "0.25", "--option", "alpha=1"], "has no option 'alpha'"),
         (["--method", "fopru", "--keep", "0.25", "--model", "nobody/nothing"], "'nobody/nothing' not found"),
+        # option ranges from the registry, checked before the model loads (zones against the grid just after)
+        (["--method", "gridprune", "--keep", "0.25", "--option", "alpha=5"], r"alpha='5' .* is not in \[0, 1\]"),
+        (["--method", "gridprune", "--keep", "0.25", "--option", "tau=0"], r"tau='0' .* is not in \[0.0001, 100\]"),
+        (["--method", "gridprune", "--keep", "0.25", "--option", "zones=0"], "zones='0' .* is not integer in"),
+        (["--method", "gridprune", "--keep", "0.25", "--option", "zones=100"], "zones=100 exceeds the 24x24 patch grid"),
+        (["--method", "gprune", "--keep", "0.25", "--option", "temperature=0"], "temperature='0' .* is not in"),
+        (["--method", "gprune", "--keep", "0.25", "--option", "threshold=nan"], r"threshold='nan' .* is not in \[-1, 1\]"),
+        (["--method", "gprune", "--keep", "nan"], r"keep ratio nan is outside \(0, 1\]"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
@@ -216,6 +230,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
 
     assert re.search(message, err), err
     assert not (tmp_path / "b").exists()
+
+
+def test_list_options_shows_ranges_and_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        export_main.run(["--list-options"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "alpha=0.5  (in [0, 1])" in out and "zones=4  (integer in [1, 1024])" in out
+    assert "temperature=0.03  (in [0.0001, 100])" in out and "strategy=rank  (one of rank, row)" in out
+
+
+def test_pool_buckets_say_the_k_they_hold(bundles):
+    bucket = bundles["pool"].manifest["vision"]["buckets"][1]  # asked for 0.25 and 0.5: one bucket, N/4 tokens
+    assert bucket["name"] == "pool-k144" and bucket["k"] == 144 and bucket["keep"] == 0.25
 
 
 def test_gridprune_without_clip_is_refused(tmp_path, tiny, capsys):

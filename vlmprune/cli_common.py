@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -21,6 +22,21 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+# The machine's state, not a bug: a full or read-only disk, permissions, a path through a file. One line, exit 2
+# (writers clean up their temporary folders before the error reaches here).
+_ENVIRONMENT = {
+    errno.ENOSPC: "free some space or write elsewhere; nothing half-written was left in place",
+    errno.EDQUOT: "the disk quota is full; free some space or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EACCES: "check the permissions, or write elsewhere",
+    errno.EPERM: "check the permissions, or write elsewhere",
+    errno.EFBIG: "the file system cannot hold a file this large; write elsewhere",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.EIO: "the disk reported an input/output error; check it",
+}
+
+
 def main_wrapper(prog: str):
     """Run a CLI entry point: a ``VlmpruneError`` becomes ``<prog>: error: <one line>`` and exit code 2.
 
@@ -36,6 +52,12 @@ def _wrap(prog, fn):
         except VlmpruneError as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             return exc.exit_code
+        except OSError as exc:
+            if exc.errno not in _ENVIRONMENT:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            print(f"{prog}: error: {exc.strerror or exc}{where}; {_ENVIRONMENT[exc.errno]}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
             return 130

@@ -1,0 +1,411 @@
+"""The manifest schema: one typed definition, its version, and its validator. Torch-free (the runtime imports it).
+
+Hand-written (a few small type classes) rather than pydantic or jsonschema: the edge runtime installs neither, and
+the checks we need go beyond types (ranges, cross-field rules such as ``num_patches == grid[0] * grid[1]``,
+``k <= num_patches``, token ids below the vocabulary size) and must end in one line naming the field.
+
+Paths: every path-valued field goes through one rule (``integrity.check_relpath``) and must name a file of the
+bundle's integrity record, which the reader has checked to be a regular file inside the bundle. Fields this schema
+does not declare are allowed (newer writers add some), but any of them whose key names a path (``file``,
+``weights``, ``tokenizer``, ``files``, ``*_file``, ``*_files``, ``*_path``) is held to the same rule.
+
+Version 2 moved the integrity record out of the manifest into ``record.json`` (which also covers
+``manifest.json``) and the outputs of prune-build / prune-calibrate into their own subfolders; version 1 bundles
+are read by ``upgrade_v1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import VlmpruneError
+from .integrity import check_relpath
+
+SCHEMA_VERSION = 2
+MANIFEST = "manifest.json"
+FIX = "re-export the bundle with `prune-export`"
+PATH_KEYS = ("file", "weights", "tokenizer", "files")
+PATH_SUFFIXES = ("_file", "_files", "_path")
+RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+# v1 bundles listed derived outputs (engines, Q/DQ graphs, calibration, profiles) in their checksums; v2 keeps them in
+# their own folders with their own records.
+DERIVED_PREFIXES = ("engines/", "int8/", "qdq/", "calib/", "profile/")
+
+
+class Invalid(Exception):
+    def __init__(self, where: str, problem: str):
+        self.where, self.problem = where, problem
+        super().__init__(f"{where} {problem}")
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --- types ------------------------------------------------------------------------------------------------------------
+
+
+class T:
+    def check(self, value: Any, where: str, paths: list) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Any_(T):
+    def check(self, value, where, paths):
+        pass
+
+
+@dataclass
+class Int(T):
+    lo: int | None = None
+    hi: int | None = None
+
+    def check(self, value, where, paths):
+        if type(value) is not int:  # bool is an int in Python; not here
+            raise Invalid(where, f"must be an integer, got {_got(value)}")
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            rng = f"{self.lo if self.lo is not None else '-inf'}..{self.hi if self.hi is not None else 'inf'}"
+            raise Invalid(where, f"must be in {rng}, got {value}")
+
+
+@dataclass
+class Float(T):
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+
+    def check(self, value, where, paths):
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise Invalid(where, f"must be a finite number, got {_got(value)}")
+        below = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        above = self.hi is not None and value > self.hi
+        if below or above:
+            left = "(" if self.lo_open else "["
+            raise Invalid(where, f"must be in {left}{self.lo}, {self.hi}], got {value}")
+
+
+@dataclass
+class Bool(T):
+    def check(self, value, where, paths):
+        if type(value) is not bool:
+            raise Invalid(where, f"must be true or false, got {_got(value)}")
+
+
+@dataclass
+class Str(T):
+    choices: tuple | None = None
+    max_len: int = 4096
+    min_len: int = 0
+
+    def check(self, value, where, paths):
+        if not isinstance(value, str):
+            raise Invalid(where, f"must be a string, got {_got(value)}")
+        if not self.min_len <= len(value) <= self.max_len:
+            raise Invalid(where, f"must have {self.min_len}..{self.max_len} characters, has {len(value)}")
+        if self.choices is not None and value not in self.choices:
+            raise Invalid(where, f"must be one of {', '.join(self.choices)}, got {_got(value)}")
+
+
+@dataclass
+class Path_(T):
+    def check(self, value, where, paths):
+        paths.append((where, value))
+
+
+@dataclass
+class Opt(T):
+    inner: T
+
+    def check(self, value, where, paths):
+        if value is not None:
+            self.inner.check(value, where, paths)
+
+
+@dataclass
+class OneOf(T):
+    options: tuple
+    what: str
+
+    def check(self, value, where, paths):
+        for option in self.options:
+            try:
+                option.check(value, where, [])
+            except Invalid:
+                continue
+            option.check(value, where, paths)
+            return
+        raise Invalid(where, f"must be {self.what}, got {_got(value)}")
+
+
+@dataclass
+class List(T):
+    item: T
+    min_len: int = 0
+    max_len: int = 1 << 20
+    length: int | None = None
+
+    def check(self, value, where, paths):
+        if not isinstance(value, list):
+            raise Invalid(where, f"must be a list, got {_got(value)}")
+        if self.length is not None and len(value) != self.length:
+            raise Invalid(where, f"must have {self.length} entries, has {len(value)}")
+        if not self.min_len <= len(value) <= self.max_len:
+            raise Invalid(where, f"must have {self.min_len}..{self.max_len} entries, has {len(value)}")
+        for i, item in enumerate(value):
+            self.item.check(item, f"{where}[{i}]", paths)
+
+
+@dataclass
+class Map(T):
+    value: T = field(default_factory=Any_)
+
+    def check(self, value, where, paths):
+        if not isinstance(value, dict):
+            raise Invalid(where, f"must be an object, got {_got(value)}")
+        for k, v in value.items():
+            self.value.check(v, f"{where}.{k}", paths)
+
+
+@dataclass
+class Obj(T):
+    fields: dict[str, T]
+    optional: tuple[str, ...] = ()
+
+    def check(self, value, where, paths):
+        if not isinstance(value, dict):
+            raise Invalid(where, f"must be an object, got {_got(value)}")
+        for name, kind in self.fields.items():
+            sub = f"{where}.{name}" if where else name
+            if name not in value:
+                if name in self.optional:
+                    continue
+                raise Invalid(sub, "is missing")
+            kind.check(value[name], sub, paths)
+
+
+# --- the schema -------------------------------------------------------------------------------------------------------
+
+DIM = OneOf((Int(0, 1 << 31), Str(max_len=128)), "a size or a dimension name")
+IO = List(Obj({"name": Str(min_len=1, max_len=256), "shape": List(DIM, max_len=16), "dtype": Str(max_len=32)}),
+          max_len=4096)
+TOKEN = Opt(Int(0, 1 << 31))
+PATHS = OneOf((Path_(), List(Path_(), max_len=4096)), "a file path or a list of them")
+
+BUCKET = Obj({
+    "name": Str(min_len=1, max_len=128), "method": Str(min_len=1, max_len=64), "keep": Float(0.0, 1.0, lo_open=True),
+    "k": Int(1, 1 << 20), "options": Map(), "file": Path_(), "inputs": IO, "outputs": IO,
+})
+
+DECODER = Obj({
+    "file": Path_(), "weights": Opt(PATHS), "inputs": IO, "outputs": IO,
+    "num_layers": Int(1, 4096), "num_heads": Int(1, 4096), "num_kv_heads": Int(1, 4096), "head_dim": Int(1, 1 << 16),
+    "hidden_size": Int(1, 1 << 20), "vocab_size": Int(1, 1 << 24), "max_context": Int(2, 1 << 24),
+    "bos_token_id": TOKEN, "eos_token_id": TOKEN, "pad_token_id": TOKEN,
+    "kv_dtype": Str(("float32", "float16")),
+    "embeddings": Obj({"file": Path_(), "shape": List(Int(1, 1 << 24), length=2), "dtype": Str(("float32", "float16"))}),
+    # written by the decoder-precision export (issue 9); optional so that bundles from before it still read
+    "precision": Str(("fp32", "fp16", "int8", "int4")),
+    "fp32_outputs": List(Str(max_len=256), max_len=4096),
+    "fused": Opt(Map()),  # a second, fused decoder: any shape, its paths confined by the generic rule
+}, optional=("weights", "bos_token_id", "pad_token_id", "kv_dtype", "precision", "fp32_outputs", "fused"))
+
+# ONNX Runtime's fused decoder (issue 14), next to "decoder" (which TensorRT uses): the fields the runtime reads; the
+# rest (producer, quantization, ops) is provenance. Optional: bundles without it use "decoder" on every provider.
+FLOAT = Str(("float32", "float16"))
+FUSED_DECODER = Obj({
+    "file": Path_(), "weights": Opt(PATHS), "inputs": IO, "outputs": IO,
+    "precision": Str(("fp32", "fp16", "int8", "int4")),
+    "num_layers": Int(1, 4096), "num_heads": Int(1, 4096), "num_kv_heads": Int(1, 4096), "head_dim": Int(1, 1 << 16),
+    "hidden_size": Int(1, 1 << 20), "vocab_size": Int(1, 1 << 24), "buffer_length": Int(2, 1 << 24),
+    "kv_dtype": FLOAT, "embeds_dtype": FLOAT, "logits_dtype": FLOAT, "positions": Str(("contiguous",)),
+    "providers": List(Str(min_len=1, max_len=64), min_len=1, max_len=16),
+}, optional=("weights",))
+
+MANIFEST_SCHEMA = Obj({
+    "schema_version": Int(1, SCHEMA_VERSION),
+    "created_by": Obj({"vlmprune": Str(min_len=1, max_len=64)}),
+    "created_at": Str(max_len=64),
+    "model": Map(),
+    "method": Obj({"name": Str(min_len=1, max_len=64), "options": Map(), "needs": List(Str(max_len=64))},
+                  optional=("options", "needs")),
+    "target": Str(max_len=64),
+    "opset": Int(1, 64),
+    "precision": Str(("fp32", "fp16")),
+    "preprocessing": Obj({
+        "resize_shortest_edge": Int(1, 8192), "crop_size": List(Int(1, 8192), length=2), "resample": Str(RESAMPLE),
+        "do_resize": Bool(), "do_center_crop": Bool(), "do_rescale": Bool(),
+        "rescale_factor": Float(0.0, 1e6, lo_open=True), "do_normalize": Bool(),
+        "mean": List(Float(-1e6, 1e6), length=3), "std": List(Float(0.0, 1e6, lo_open=True), length=3),
+        "do_convert_rgb": Bool(),
+    }, optional=("do_convert_rgb",)),
+    "vision": Obj({
+        "view": Obj({"name": Str(max_len=64), "image_size": List(Int(1, 8192), length=2),
+                     "grid": List(Int(1, 1024), length=2), "num_patches": Int(1, 1 << 20), "has_cls": Bool()},
+                    optional=("name",)),
+        "weights": Opt(PATHS),
+        "buckets": List(BUCKET, min_len=1, max_len=1024),
+    }, optional=("weights",)),
+    "text_encoder": Opt(Obj({
+        "file": Path_(), "weights": Opt(PATHS), "inputs": IO, "outputs": IO, "tokenizer": Path_(),
+        "max_length": Int(2, 1 << 16), "projection_dim": Int(1, 1 << 16),
+    }, optional=("weights",))),
+    "prompt": Obj({
+        "tokenizer": Path_(), "chat_template": Opt(Str(max_len=256 << 10)), "image_token": Str(min_len=1, max_len=64),
+        "image_token_id": Int(0, 1 << 31), "stitch": Str(("replace_placeholder", "anyres_raster")),
+        "positions": Str(("contiguous", "original")),
+    }, optional=("chat_template", "positions")),
+    "decoder": DECODER,
+    "decoder_fused": Opt(FUSED_DECODER),
+    "lint": Opt(Map()),
+    "validation": Opt(Obj({"file": Path_(), "passed": Bool(), "checks": Int(0, 1 << 31)})),
+}, optional=("created_at", "model", "target", "opset", "precision", "decoder_fused", "lint", "validation"))
+
+
+# --- cross-field rules ------------------------------------------------------------------------------------------------
+
+
+def _cross_checks(m: dict) -> None:
+    view = m["vision"]["view"]
+    if view["num_patches"] != view["grid"][0] * view["grid"][1]:
+        raise Invalid("vision.view.num_patches", f"is {view['num_patches']}, but the grid {view['grid']} holds "
+                      f"{view['grid'][0] * view['grid'][1]}")
+    names = set()
+    for i, b in enumerate(m["vision"]["buckets"]):
+        views = b.get("num_views", 1)  # anyres buckets take several views of view["num_patches"] each
+        if type(views) is not int or not 1 <= views <= 64:
+            raise Invalid(f"vision.buckets[{i}].num_views", f"must be an integer in 1..64, got {_got(views)}")
+        if b["k"] > view["num_patches"] * views:
+            raise Invalid(f"vision.buckets[{i}].k", f"is {b['k']}, more than the {view['num_patches'] * views} patches")
+        if b["name"] in names:
+            raise Invalid(f"vision.buckets[{i}].name", f"{b['name']!r} is used twice")
+        names.add(b["name"])
+        inputs = {io["name"] for io in b["inputs"]}
+        if "pixel_values" not in inputs:
+            raise Invalid(f"vision.buckets[{i}].inputs", "has no pixel_values")
+        if "text_embeds" in inputs and not m.get("text_encoder"):
+            raise Invalid(f"vision.buckets[{i}].inputs", "takes text_embeds, but the bundle has no text_encoder")
+    pre = m["preprocessing"]
+    if pre["do_center_crop"] and pre["crop_size"] != view["image_size"]:
+        raise Invalid("preprocessing.crop_size", f"is {pre['crop_size']}, the vision graphs take {view['image_size']}")
+    d = m["decoder"]
+    vocab = d["vocab_size"]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if d.get(key) is not None and d[key] >= vocab:
+            raise Invalid(f"decoder.{key}", f"is {d[key]}, outside the vocabulary of {vocab}")
+    if m["prompt"]["image_token_id"] >= vocab:
+        raise Invalid("prompt.image_token_id", f"is {m['prompt']['image_token_id']}, outside the vocabulary of {vocab}")
+    if d["embeddings"]["shape"] != [vocab, d["hidden_size"]]:
+        raise Invalid("decoder.embeddings.shape", f"is {d['embeddings']['shape']}, expected [{vocab}, {d['hidden_size']}]")
+    if d["num_heads"] % d["num_kv_heads"]:
+        raise Invalid("decoder.num_kv_heads", f"({d['num_kv_heads']}) does not divide num_heads ({d['num_heads']})")
+    fused = m.get("decoder_fused")
+    if fused:  # the same model; and its KV buffer (allocated at load) no longer than the model's context
+        for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
+            if fused[key] != d[key]:
+                raise Invalid(f"decoder_fused.{key}", f"is {fused[key]}, the decoder's is {d[key]}")
+        if fused["buffer_length"] > d["max_context"]:
+            raise Invalid("decoder_fused.buffer_length", f"is {fused['buffer_length']}, beyond the model's context "
+                          f"of {d['max_context']}")
+
+
+def _generic_paths(value: Any, where: str, out: list) -> None:
+    """Path-named keys anywhere in the tree (including fields this schema does not know)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{where}.{k}" if where else str(k)
+            if isinstance(k, str) and (k in PATH_KEYS or k.endswith(PATH_SUFFIXES)):
+                if k == "files" and isinstance(v, dict):  # a files map may name paths by its keys (version 1 did)
+                    out.extend((f"{sub} key", name) for name in v)
+                _collect_path_values(v, sub, out)
+            elif k not in ("lint", "model", "created_by"):  # free-form reports and provenance, never opened
+                _generic_paths(v, sub, out)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _generic_paths(v, f"{where}[{i}]", out)
+
+
+def _collect_path_values(value: Any, where: str, out: list) -> None:
+    if isinstance(value, str):
+        out.append((where, value))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _collect_path_values(v, f"{where}[{i}]", out)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _collect_path_values(v, f"{where}.{k}", out)
+    elif value is not None:
+        raise Invalid(where, f"must be a file path, got {_got(value)}")
+
+
+def validate(manifest: Any, record: dict | None, *, source: str = MANIFEST) -> dict:
+    """Check ``manifest`` against the schema and, when ``record`` (rel -> entry) is given, that every path it names
+    is a recorded file. Raises ``VlmpruneError`` with one line naming the field."""
+    if not isinstance(manifest, dict):
+        raise VlmpruneError(f"{source} is not a JSON object (it is a {type(manifest).__name__})", FIX)
+    version = manifest.get("schema_version")
+    if type(version) is int and version > SCHEMA_VERSION:
+        raise VlmpruneError(
+            f"bundle schema version {version} is newer than this vlmprune understands ({SCHEMA_VERSION})",
+            "upgrade vlmprune on this machine or re-export with the installed version",
+        )
+    paths: list[tuple[str, Any]] = []
+    try:
+        MANIFEST_SCHEMA.check(manifest, "", paths)
+        _cross_checks(manifest)
+        _generic_paths(manifest, "", paths)
+    except Invalid as exc:
+        raise VlmpruneError(f"{source}: {exc.where} {exc.problem}", FIX) from None
+    for where, rel in paths:
+        check_relpath(rel, f"{source}: {where}")
+        if record is not None and rel not in record:
+            raise VlmpruneError(f"{source}: {where} names {rel}, which is not in the bundle's integrity record", FIX)
+    return manifest
+
+
+def upgrade_v1(manifest: dict) -> tuple[dict, dict]:
+    """A version 1 manifest as (manifest, record). Its checksums (sha256 only, no sizes) become the record, without
+    the derived outputs v1 also listed; its ``engines``/``int8`` sections are dropped (rebuild them)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise VlmpruneError(f"{MANIFEST} (schema version 1) lists no file checksums, so nothing can be verified", FIX)
+    record = {}
+    for rel, digest in files.items():
+        if not isinstance(rel, str) or not isinstance(digest, str) or len(digest) != 64:
+            raise VlmpruneError(f"{MANIFEST}: files.{_got(rel)} is not a sha256 checksum", FIX)
+        if not rel.startswith(DERIVED_PREFIXES):
+            record[rel] = {"sha256": digest}
+    upgraded = {k: v for k, v in manifest.items() if k not in ("files", "engines", "int8")}
+    return upgraded, record
+
+
+# --- records of derived outputs (prune-build, prune-calibrate) ------------------------------------------------------
+
+ENGINES_META = Obj({
+    "target": Str(min_len=1, max_len=64), "precision": Str(max_len=16), "for_manifest": Str(max_len=64),
+    "files": Map(Path_()), "trt_version": Opt(Str(max_len=64)), "gpu": Opt(Str(max_len=256)),
+    "compute_capability": Opt(Str(max_len=16)),
+}, optional=("trt_version", "gpu", "compute_capability"))
+
+INT8_META = Obj({
+    "for_manifest": Str(max_len=64), "algo": Str(max_len=32), "tool": Opt(Str(max_len=64)), "images": Int(0, 1 << 31),
+    "qdq": Map(Path_()), "calibration_caches": Str(max_len=256), "accuracy": Map(),
+}, optional=("tool",))
+
+
+def validate_meta(meta: Any, schema: Obj, record: dict, source: str) -> dict:
+    paths: list = []
+    try:
+        schema.check(meta, "meta", paths)
+        if schema is ENGINES_META and not meta["files"]:
+            raise Invalid("meta.files", "is empty")
+    except Invalid as exc:
+        raise VlmpruneError(f"{source}: {exc.where} {exc.problem}", "rebuild it") from None
+    for where, rel in paths:
+        check_relpath(rel, f"{source}: {where}")
+        if rel not in record:
+            raise VlmpruneError(f"{source}: {where} names {rel}, which is not in its integrity record", "rebuild it")
+    return meta
