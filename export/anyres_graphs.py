@@ -1,0 +1,159 @@
+"""LLaVA-NeXT (anyres) vision graphs: one static graph per pinpoint layout and keep ratio (``specs/methods.md``,
+"LLaVA-NeXT").
+
+Inputs: ``pixel_values [V, 3, S, S]`` (the base view, then the rows x cols crops row-major) and ``valid_mask
+[rows*side, cols*side]`` float (1 where the unpadding keeps a raster position: it depends on the image, so it is an
+input), plus ``text_embeds`` for text-guided methods. Outputs, in transformers' order: ``base_embeds [1, Kb, D]``,
+``base_indices [1, Kb]`` (ascending), ``raster_embeds [1, Kr, D]``, ``raster_indices [1, Kr]`` (ascending raster
+positions ``r * cols*side + c`` of the padded raster) and ``raster_count [1]``: how many of the Kr raster slots hold
+kept tokens (the rest are padding of the static shape). The budget of the raster follows the image's own valid
+token count, ``round(keep * n_valid)``, computed in the graph; invalid positions are never selected.
+
+Per method: ``none`` keeps everything valid; G-Prune scores the base view and the whole unpadded raster as two
+graphs-in-one (the raster's cosine graph has no edge to an invalid position); FoPru scores each view with its own
+attention, the same ratio per view (the crops' budgets from their valid counts). ``image_newline`` is not an
+output: it is one constant vector the runtime appends after every unpadded row, outside every budget.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vlmprune.errors import VlmpruneError
+from vlmprune.prune.fopru import scores_from_qk
+from vlmprune.prune.gprune import gprune_scores
+from vlmprune.prune.registry import budget_from_ratio
+from vlmprune.prune.select import (_F32_MAX, ascending_from_mask, gather_tokens, l2_norm, l2_normalize, rank_desc,
+                                   topk_ascending)
+from vlmprune.runtime.anyres import Layout
+
+METHODS = ("none", "gprune", "fopru")
+OUTPUTS = ["base_embeds", "base_indices", "raster_embeds", "raster_indices", "raster_count"]
+
+
+def check_method(name: str, options: dict) -> None:
+    if name not in METHODS:
+        raise VlmpruneError(f"method {name!r} is not available for LLaVA-NeXT (anyres) yet",
+                            f"use one of {', '.join(m for m in METHODS if m != 'none')}")
+    if name == "fopru" and options.get("strategy", "rank") != "rank":
+        raise VlmpruneError("FoPru strategy=row is not available for LLaVA-NeXT (the crops are unpadded per image)",
+                            "use strategy=rank")
+
+
+def part_budgets(method: str, keep: float, layout: Layout) -> tuple[int, int]:
+    """Static (Kb, Kr): the base view's K and the raster's slot count (the most a raster of this layout keeps)."""
+    n = layout.side * layout.side
+    crops = layout.rows * layout.cols
+    if method == "none":
+        return n, crops * n
+    kb = budget_from_ratio(keep, n)
+    if method == "fopru":  # per view: each crop keeps at most round(keep * 576)
+        return kb, crops * kb
+    return kb, budget_from_ratio(keep, crops * n)
+
+
+def dynamic_budget(keep: float, n_valid: Tensor) -> Tensor:
+    """``max(1, round(keep * n))`` with halves up, in the graph (0 where nothing is valid)."""
+    k = torch.floor(n_valid * keep + 0.5)
+    return torch.where(n_valid > 0, torch.clamp(k, min=1.0), torch.zeros_like(k))
+
+
+def select_masked(scores: Tensor, valid: Tensor, k: Tensor, slots: int) -> Tensor:
+    """``[B, N]`` scores, ``valid`` bool, dynamic ``k`` [B]: the k best valid entries in the first slots, ascending."""
+    masked = torch.where(valid, scores.float(), torch.tensor(-_F32_MAX))
+    kept = (rank_desc(masked) < k.unsqueeze(-1)) & valid
+    return ascending_from_mask(kept, slots)
+
+
+def gprune_scores_masked(features: Tensor, valid: Tensor, threshold: float, temperature: float,
+                         iterations: int) -> Tensor:
+    """G-Prune over the valid tokens only: invalid tokens have no edges and start with zero weight, which gives the
+    scores of the valid subset's own graph (``prune/gprune.py`` for the method itself)."""
+    x = features.float()
+    v = valid.float()
+    weight = l2_norm(x) * v
+    xn = l2_normalize(x)
+    cos = torch.matmul(xn, xn.transpose(-1, -2))
+    pair = v.unsqueeze(-1) * v.unsqueeze(-2)
+    mask = (cos >= threshold).float() * pair
+    logits = torch.where(mask > 0, cos / temperature, torch.tensor(-5000.0, dtype=cos.dtype))
+    p = torch.softmax(logits, dim=-1) * mask
+    degree = torch.clamp(mask.sum(-1), min=1.0)
+    w = weight
+    for _ in range(int(iterations)):
+        w = torch.matmul(w.unsqueeze(1), p).squeeze(1)
+    return w / degree
+
+
+def to_raster(x: Tensor, layout: Layout) -> Tensor:
+    """[crops, side*side, ...] (crop-major) -> [1, rows*side * cols*side, ...] (raster row-major), as transformers'
+    ``pack_image_features`` lays the crops out."""
+    r, c, s = layout.rows, layout.cols, layout.side
+    rest = x.shape[2:]
+    y = x.reshape(r, c, s, s, *rest).transpose(1, 2)  # [r, s, c, s, ...]
+    return y.reshape(1, r * s * c * s, *rest)
+
+
+def to_crops(x: Tensor, layout: Layout) -> Tensor:
+    """The inverse of ``to_raster`` for [rows*side, cols*side] -> [crops, side*side]."""
+    r, c, s = layout.rows, layout.cols, layout.side
+    return x.reshape(r, s, c, s).transpose(1, 2).reshape(r * c, s * s)
+
+
+class AnyresVisionGraph(nn.Module):
+    def __init__(self, adapter, layout: Layout, method: str, keep: float, options: dict | None = None):
+        super().__init__()
+        options = dict(options or {})
+        check_method(method, options)
+        self.adapter = adapter
+        self.model = adapter.model  # registered so .to()/.half() reach the weights
+        self.layout = layout
+        self.method = method
+        self.keep = float(keep)
+        self.options = options
+        self.kb, self.kr = part_budgets(method, keep, layout)
+        self.n = layout.side * layout.side
+
+    def forward(self, pixel_values: Tensor, valid_mask: Tensor):
+        a = self.adapter
+        hidden = a.hidden_before_scoring(pixel_values)  # [V, T, C]
+        features = a.scoring_layer(hidden)
+        patches = a.select_patches(features)  # [V, N, C]
+        valid = (valid_mask > 0.5).reshape(1, -1)  # [1, R] raster order
+        n_valid = valid.float().sum(-1)  # [1]
+        lay = self.layout
+        if self.method == "none":
+            base_idx = torch.arange(self.n).unsqueeze(0)
+            base = a.project(patches[0:1])
+            raster = a.project(to_raster(patches[1:], lay)[0]).unsqueeze(0)
+            raster_idx = ascending_from_mask(valid, self.kr)
+            count = n_valid
+        elif self.method == "gprune":
+            o = self.options
+            base_all = a.project(patches[0:1])
+            base_idx = topk_ascending(gprune_scores(base_all, o["threshold"], o["temperature"], o["iterations"]),
+                                      self.kb)
+            base = gather_tokens(base_all, base_idx)
+            raster_all = a.project(to_raster(patches[1:], lay)[0]).unsqueeze(0)
+            scores = gprune_scores_masked(raster_all, valid, o["threshold"], o["temperature"], o["iterations"])
+            count = dynamic_budget(self.keep, n_valid)
+            raster_idx = select_masked(scores, valid, count, self.kr)
+            raster = raster_all
+        else:  # fopru, per view
+            q, k, scale = a.scoring_qk(hidden)
+            sig = scores_from_qk(q, k, scale, True, self.options.get("scores", "probs"))  # [V, N]
+            base_idx = topk_ascending(sig[0:1], self.kb)
+            base = a.project(gather_tokens(patches[0:1], base_idx))
+            valid_crop = to_crops(valid.reshape(lay.raster), lay)  # [crops, N]
+            k_crop = dynamic_budget(self.keep, valid_crop.float().sum(-1))  # [crops]
+            masked = torch.where(valid_crop, sig[1:].float(), torch.tensor(-_F32_MAX))
+            kept_crop = (rank_desc(masked) < k_crop.unsqueeze(-1)) & valid_crop
+            kept = to_raster(kept_crop.unsqueeze(-1), lay)[..., 0]  # [1, R]
+            raster_idx = ascending_from_mask(kept, self.kr)
+            count = k_crop.sum().reshape(1)
+            raster = to_raster(patches[1:], lay)[0].unsqueeze(0)  # pre-projector, gathered below
+        raster_kept = gather_tokens(raster, raster_idx)
+        if self.method == "fopru":
+            raster_kept = a.project(raster_kept)
+        return base.float(), base_idx, raster_kept.float(), raster_idx, count.to(torch.int64).reshape(1)
