@@ -127,9 +127,13 @@ def export_anyres_vision(req, adapter, buckets: list[AnyresBucket], target, need
                 module = AnyresVisionGraph(adapter, lay, bucket.method, bucket.keep, dict(bucket.options)).eval()
                 if (module.kb, module.kr) != (bucket.kb, bucket.kr):
                     raise AssertionError(f"{bucket.name}: module returns K={module.kb}+{module.kr}")
+                uses_text = bucket.method != "none" and needs_text
                 args = (torch.zeros(lay.num_views, 3, *s), torch.ones(*lay.raster))
+                names = ["pixel_values", "valid_mask"]
+                if uses_text:
+                    args, names = (*args, torch.zeros_like(text_embeds)), [*names, "text_embeds"]
                 with fp16_vision(adapter) if req.precision == "fp16" else contextlib.nullcontext():
-                    model = export_onnx(module, args, scratch / bucket.file, input_names=["pixel_values", "valid_mask"],
+                    model = export_onnx(module, args, scratch / bucket.file, input_names=names,
                                         output_names=OUTPUTS, opset=target.opset)
                 if not has_external_data(model):
                     model = _fold(model)
@@ -151,7 +155,7 @@ def export_anyres_vision(req, adapter, buckets: list[AnyresBucket], target, need
                           {"name": "raster", "views": list(range(1, lay.num_views)),
                            "n": lay.raster[0] * lay.raster[1], "k": bucket.kr,
                            "budget": "all valid" if bucket.method == "none" else
-                           ("per crop" if bucket.method == "fopru" else "whole raster")}],
+                           ("per crop" if bucket.method in ("fopru", "gridprune") else "whole raster")}],
             })
             if req.validate:
                 with steps.step(f"validate {bucket.file}"):
@@ -159,8 +163,12 @@ def export_anyres_vision(req, adapter, buckets: list[AnyresBucket], target, need
                     for case, (pixels, mask) in validation_cases(adapter, lay).items():
                         with torch.no_grad(), (fp16_vision(adapter) if req.precision == "fp16"
                                                else contextlib.nullcontext()):
-                            ref = [t.numpy() for t in module(pixels, mask)]
-                        got = sess.run(OUTPUTS, {"pixel_values": pixels.numpy(), "valid_mask": mask.numpy()})
+                            extra = (text_embeds,) if uses_text else ()
+                            ref = [t.numpy() for t in module(pixels, mask, *extra)]
+                        feeds = {"pixel_values": pixels.numpy(), "valid_mask": mask.numpy()}
+                        if uses_text:
+                            feeds["text_embeds"] = text_embeds.numpy()
+                        got = sess.run(OUTPUTS, feeds)
                         checks += _check(bucket.file, case, ref, got, req.precision)
     return records, lint
 

@@ -21,14 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.prune.context import cls_attention
 from vlmprune.prune.fopru import scores_from_qk
 from vlmprune.prune.gprune import gprune_scores
+from vlmprune.prune.gridprune import _PROB_FLOOR, _zone_tensors, gridprune_from_scores
 from vlmprune.prune.registry import budget_from_ratio
 from vlmprune.prune.select import (_F32_MAX, ascending_from_mask, gather_tokens, l2_norm, l2_normalize, rank_desc,
                                    topk_ascending)
 from vlmprune.runtime.anyres import Layout
 
-METHODS = ("none", "gprune", "fopru")
+METHODS = ("none", "gprune", "fopru", "gridprune")
 OUTPUTS = ["base_embeds", "base_indices", "raster_embeds", "raster_indices", "raster_count"]
 
 
@@ -48,7 +50,7 @@ def part_budgets(method: str, keep: float, layout: Layout) -> tuple[int, int]:
     if method == "none":
         return n, crops * n
     kb = budget_from_ratio(keep, n)
-    if method == "fopru":  # per view: each crop keeps at most round(keep * 576)
+    if method in ("fopru", "gridprune"):  # per view: each crop keeps at most round(keep * 576)
         return kb, crops * kb
     return kb, budget_from_ratio(keep, crops * n)
 
@@ -86,6 +88,44 @@ def gprune_scores_masked(features: Tensor, valid: Tensor, threshold: float, temp
     return w / degree
 
 
+def zone_budgets_dynamic(probs: Tensor, sizes: Tensor, k: Tensor, rounds: int) -> Tensor:
+    """``prune.gridprune.zone_budgets`` with a per-row budget ``k`` [B] and per-row zone sizes [B, Z] (the valid
+    tokens of each zone of a crop): largest-remainder rounding, capped at the sizes, the excess redistributed."""
+    probs = probs + _PROB_FLOOR
+    budgets = torch.zeros_like(probs)
+    remaining = k.float()
+    open_ = (sizes > 0).float()
+    for _ in range(rounds):
+        p_open = probs * open_
+        share = p_open / torch.clamp(p_open.sum(-1, keepdim=True), min=1e-30) * remaining.unsqueeze(-1)
+        base = torch.floor(share)
+        extra_count = remaining - base.sum(-1)
+        remainder = torch.where(open_ > 0, share - base, torch.full_like(share, -1.0))
+        extra = ((rank_desc(remainder) < extra_count.unsqueeze(-1)) & (open_ > 0)).float()
+        budgets = budgets + base + extra
+        over = torch.relu(budgets - sizes)
+        budgets = budgets - over
+        remaining = over.sum(-1)
+        open_ = (budgets < sizes).float()
+    return budgets
+
+
+def gridprune_crops(r: Tensor, s: Tensor, valid: Tensor, k: Tensor, grid, zones: int, tau: float) -> Tensor:
+    """GridPrune on each crop [B = crops, N] with its own zones over its valid tokens: zone means and sizes count
+    valid tokens only, a zone without any gets no budget. Returns the kept mask [B, N]."""
+    ids, member, _ = _zone_tensors(grid, zones, r.device)
+    v = valid.float()
+    sizes = torch.matmul(v, member.t())  # [B, Z] valid tokens per zone
+    zone_mean = torch.matmul(r * v, member.t()) / torch.clamp(sizes, min=1.0)
+    logits = torch.where(sizes > 0, zone_mean / tau, torch.tensor(-1e30))
+    probs = torch.softmax(logits, dim=-1) * (sizes > 0).float()
+    budgets = zone_budgets_dynamic(probs, sizes, k, rounds=zones * zones)
+    token_budget = torch.matmul(budgets, member)
+    same_zone = ids.unsqueeze(0) == ids.unsqueeze(1)
+    masked = torch.where(valid, s.float(), torch.tensor(-_F32_MAX))
+    return (rank_desc(masked, same_zone) < token_budget) & valid
+
+
 def to_raster(x: Tensor, layout: Layout) -> Tensor:
     """[crops, side*side, ...] (crop-major) -> [1, rows*side * cols*side, ...] (raster row-major), as transformers'
     ``pack_image_features`` lays the crops out."""
@@ -107,7 +147,8 @@ class AnyresVisionGraph(nn.Module):
         options = dict(options or {})
         check_method(method, options)
         self.adapter = adapter
-        self.model = adapter.model  # registered so .to()/.half() reach the weights
+        self.model = adapter.model  # registered so .to()/.half() and tracing reach the weights
+        self.clip = adapter.clip.model if adapter.clip is not None else None
         self.layout = layout
         self.method = method
         self.keep = float(keep)
@@ -115,7 +156,7 @@ class AnyresVisionGraph(nn.Module):
         self.kb, self.kr = part_budgets(method, keep, layout)
         self.n = layout.side * layout.side
 
-    def forward(self, pixel_values: Tensor, valid_mask: Tensor):
+    def forward(self, pixel_values: Tensor, valid_mask: Tensor, text_embeds: Tensor | None = None):
         a = self.adapter
         hidden = a.hidden_before_scoring(pixel_values)  # [V, T, C]
         features = a.scoring_layer(hidden)
@@ -140,20 +181,35 @@ class AnyresVisionGraph(nn.Module):
             count = dynamic_budget(self.keep, n_valid)
             raster_idx = select_masked(scores, valid, count, self.kr)
             raster = raster_all
-        else:  # fopru, per view
+        else:  # fopru and gridprune: per view
             q, k, scale = a.scoring_qk(hidden)
-            sig = scores_from_qk(q, k, scale, True, self.options.get("scores", "probs"))  # [V, N]
-            base_idx = topk_ascending(sig[0:1], self.kb)
-            base = a.project(gather_tokens(patches[0:1], base_idx))
             valid_crop = to_crops(valid.reshape(lay.raster), lay)  # [crops, N]
             k_crop = dynamic_budget(self.keep, valid_crop.float().sum(-1))  # [crops]
-            masked = torch.where(valid_crop, sig[1:].float(), torch.tensor(-_F32_MAX))
-            kept_crop = (rank_desc(masked) < k_crop.unsqueeze(-1)) & valid_crop
+            if self.method == "fopru":
+                sig = scores_from_qk(q, k, scale, True, self.options.get("scores", "probs"))  # [V, N]
+                base_idx = topk_ascending(sig[0:1], self.kb)
+                masked = torch.where(valid_crop, sig[1:].float(), torch.tensor(-_F32_MAX))
+                kept_crop = (rank_desc(masked) < k_crop.unsqueeze(-1)) & valid_crop
+            else:  # GridPrune, Fig. 4: every sub-image with its own zones, relevance from the same prompt
+                o = self.options
+                if text_embeds is None:
+                    raise ValueError("GridPrune needs text_embeds")
+                from vlmprune.prune.gridprune import gridprune_scores
+
+                attn = cls_attention(q, k, scale)  # [V, N]
+                # saliency normalised over each view's valid tokens (the base view's are all valid)
+                valid_views = torch.cat([torch.ones_like(valid_crop[0:1]), valid_crop])
+                attn = torch.where(valid_views, attn, torch.zeros_like(attn))
+                r, sc = gridprune_scores(a.joint_embeds(patches), text_embeds, attn, o["alpha"])
+                grid = (lay.side, lay.side)
+                base_idx = gridprune_from_scores(r[0:1], sc[0:1], self.kb, grid, o["zones"], o["tau"])
+                kept_crop = gridprune_crops(r[1:], sc[1:], valid_crop, k_crop, grid, o["zones"], o["tau"])
+            base = a.project(gather_tokens(patches[0:1], base_idx))
             kept = to_raster(kept_crop.unsqueeze(-1), lay)[..., 0]  # [1, R]
             raster_idx = ascending_from_mask(kept, self.kr)
             count = k_crop.sum().reshape(1)
             raster = to_raster(patches[1:], lay)[0].unsqueeze(0)  # pre-projector, gathered below
         raster_kept = gather_tokens(raster, raster_idx)
-        if self.method == "fopru":
+        if self.method in ("fopru", "gridprune"):
             raster_kept = a.project(raster_kept)
         return base.float(), base_idx, raster_kept.float(), raster_idx, count.to(torch.int64).reshape(1)

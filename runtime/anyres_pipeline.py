@@ -25,12 +25,19 @@ from .preprocess import load_image
 from .sampling import next_token
 
 
-def open_pipeline(bundle: str | Path, **kwargs) -> Pipeline:
-    """``Pipeline`` or ``AnyresPipeline``, as the bundle's manifest says (``prompt.stitch``)."""
-    manifest = load_manifest(bundle)
+def default_positions(bundle: str | Path, verify: str = "quick") -> str:
+    """The bundle's positions mode (``prompt.positions``, written at export from the method's default)."""
+    return load_manifest(bundle, verify=verify)["prompt"].get("positions", "contiguous")
+
+
+def open_pipeline(bundle: str | Path, *, positions: str | None = None, **kwargs) -> Pipeline:
+    """``Pipeline`` or ``AnyresPipeline``, as the bundle's manifest says (``prompt.stitch``); ``positions`` None
+    follows the manifest."""
+    manifest = load_manifest(bundle, verify=kwargs.get("verify", "quick"))
+    positions = positions or manifest["prompt"].get("positions", "contiguous")
     if manifest["prompt"].get("stitch") == "anyres_raster":
-        return AnyresPipeline(bundle, **kwargs)
-    return Pipeline(bundle, **kwargs)
+        return AnyresPipeline(bundle, positions=positions, **kwargs)
+    return Pipeline(bundle, positions=positions, **kwargs)
 
 
 class AnyresPipeline(Pipeline):
@@ -55,6 +62,10 @@ class AnyresPipeline(Pipeline):
 
     def layouts(self) -> list[str]:
         return sorted({b["layout"] for b in self.manifest["vision"]["buckets"]})
+
+    def choose_bucket_for_image(self, image: Image.Image, keep: float | None) -> tuple[dict, str]:
+        w, h = image.size
+        return self.choose_bucket_for(self.anyres.layout((h, w)), keep)
 
     def choose_bucket_for(self, layout: Layout, keep: float | None) -> tuple[dict, str]:
         """The bucket of the image's layout with this keep ratio (or the next larger)."""

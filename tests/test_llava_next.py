@@ -137,3 +137,51 @@ def test_unpadding_and_token_count_match_transformers(nxt, size):
     assert layout.valid_mask((h, w)).sum() == kept.numel()
     expected = nxt.processor._get_number_of_features(h, w, 336, 336) - 1  # "default" drops CLS
     assert layout.num_tokens((h, w), nxt.side**2) == expected
+
+
+# --- the anyres selection rules against the single-view methods ----------------------------------------------------
+
+
+def _crop_valid(n_crops, side, cut):
+    valid = torch.ones(n_crops, side * side, dtype=torch.bool)
+    valid[1, : cut * side] = False  # the second crop's top rows are padding
+    return valid
+
+
+def test_gprune_on_the_unpadded_raster_is_gprune_on_the_valid_tokens():
+    from vlmprune.export.anyres_graphs import dynamic_budget, gprune_scores_masked, select_masked
+    from vlmprune.prune.gprune import gprune_select
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(1, 300, 16, generator=g) + 0.8 * torch.randn(1, 1, 16, generator=g)
+    valid = torch.zeros(1, 300, dtype=torch.bool)
+    valid[0, 40:260] = True
+    k = dynamic_budget(0.25, valid.float().sum(-1))
+    assert int(k) == 55
+    ours = select_masked(gprune_scores_masked(feats, valid, 0.5, 0.03, 5), valid, k, 75)[0, :55]
+    theirs = gprune_select(feats[:, 40:260], 55)[0] + 40
+    assert ours.tolist() == theirs.tolist()
+
+
+@pytest.mark.parametrize("method", ["fopru", "gridprune"])
+def test_per_crop_methods_equal_the_single_view_method_on_whole_crops(method):
+    from vlmprune.export.anyres_graphs import dynamic_budget, gridprune_crops
+    from vlmprune.prune.gridprune import gridprune_from_scores
+    from vlmprune.prune.select import rank_desc, topk_ascending
+
+    side, zones = 12, 4
+    g = torch.Generator().manual_seed(1)
+    r = torch.rand(2, side * side, generator=g) * 2 - 1
+    s = torch.rand(2, side * side, generator=g)
+    valid = _crop_valid(2, side, 5)
+    k = dynamic_budget(0.25, valid.float().sum(-1))
+    assert k.tolist() == [36.0, 21.0]  # round(0.25 * 144), round(0.25 * 84)
+    if method == "gridprune":
+        kept = gridprune_crops(r, s, valid, k, (side, side), zones, 1.0)
+        whole = gridprune_from_scores(r[0:1], s[0:1], 36, (side, side), zones, 1.0)
+    else:
+        masked = torch.where(valid, s, torch.tensor(-3e38))
+        kept = (rank_desc(masked) < k.unsqueeze(-1)) & valid
+        whole = topk_ascending(s[0:1], 36)
+    assert torch.nonzero(kept[0])[:, 0].tolist() == whole[0].tolist()  # a whole crop: the LLaVA-1.5 selection
+    assert kept.sum(-1).tolist() == [36, 21] and not (kept & ~valid).any()  # padding is never selected

@@ -45,6 +45,13 @@ def fopru_bundle(tmp_path_factory):
                                        out=out), Steps(quiet=True)).path
 
 
+@pytest.fixture(scope="module")
+def gridprune_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("next") / "gridprune"
+    return export_bundle(ExportRequest(model="tiny-llava-next", method="gridprune", keeps=[0.25], layouts=["2x1"],
+                                       out=out), Steps(quiet=True)).path
+
+
 def _image_for(nxt, name):
     lay = nxt.layout(name)
     h, w = validation_size(lay, nxt.preprocessing.grid_pinpoints)
@@ -149,11 +156,13 @@ def _kept_tags(nxt, layout, out):
 
 
 @pytest.mark.parametrize("method,layout,positions", [("gprune", "2x2", None), ("gprune", "1x3", "contiguous"),
-                                                     ("fopru", "2x2", None), ("fopru", "1x3", "original")])
-def test_pruned_greedy_output_equals_the_model_fed_the_same_kept_features(nxt, gprune_bundle, fopru_bundle, method,
-                                                                          layout, positions):
-    pipe = AnyresPipeline(gprune_bundle if method == "gprune" else fopru_bundle, positions=positions)
-    assert pipe.positions == (positions or {"gprune": "original", "fopru": "contiguous"}[method])
+                                                     ("fopru", "2x2", None), ("fopru", "1x3", "original"),
+                                                     ("gridprune", "2x1", None)])
+def test_pruned_greedy_output_equals_the_model_fed_the_same_kept_features(nxt, gprune_bundle, fopru_bundle,
+                                                                          gridprune_bundle, method, layout, positions):
+    bundle = {"gprune": gprune_bundle, "fopru": fopru_bundle, "gridprune": gridprune_bundle}[method]
+    pipe = AnyresPipeline(bundle, positions=positions)
+    assert pipe.positions == (positions or {"gprune": "original"}.get(method, "contiguous"))
     image = _image_for(nxt, layout)
     req = pipe.request(image, PROMPT, keep=0.25)
     lay, out = req["layout"], req["outputs"]
@@ -161,7 +170,8 @@ def test_pruned_greedy_output_equals_the_model_fed_the_same_kept_features(nxt, g
     # fp32 kept indices: the ONNX graph's are the PyTorch module's
     graph = AnyresVisionGraph(nxt, lay, method, 0.25, pipe.manifest["method"]["options"]).eval()
     mask = torch.from_numpy(lay.valid_mask(req["size_hw"]).astype(np.float32))
-    ref = dict(zip(OUTPUTS, (t.numpy() for t in graph(torch.from_numpy(req["pixels"]), mask))))
+    text = (torch.from_numpy(pipe.text_embeds(PROMPT)),) if method == "gridprune" else ()  # the runtime's own
+    ref = dict(zip(OUTPUTS, (t.numpy() for t in graph(torch.from_numpy(req["pixels"]), mask, *text))))
     count = int(ref["raster_count"][0])
     assert count == int(out["raster_count"][0]) and count < mask.sum() / 3
     assert np.array_equal(ref["base_indices"], out["base_indices"])
