@@ -91,6 +91,25 @@ PRESETS: dict[str, PresetSpec] = {
         family="llava_next",
         grid_pinpoints=LLAVA_V16_PINPOINTS,
     ),
+    # bench-llava's widths on the NeXT geometry: as in LLaVA-NeXT-7B (ViT-L/336 on 5 views + a 7B decoder on ~2,900
+    # image tokens) the vision encoder stays a few percent of the unpruned time to first token.
+    "bench-llava-next": PresetSpec(
+        name="bench-llava-next",
+        description="LLaVA-NeXT geometry with vision/decoder cost in LLaVA-NeXT-7B proportions, for prune-bench",
+        vision_hidden=128,
+        vision_layers=4,
+        vision_heads=4,
+        vision_intermediate=512,
+        text_hidden=512,
+        text_layers=7,
+        text_heads=8,
+        text_kv_heads=8,
+        text_intermediate=1408,
+        max_context=4096,
+        seed=3,
+        family="llava_next",
+        grid_pinpoints=LLAVA_V16_PINPOINTS,
+    ),
 }
 
 

@@ -218,3 +218,35 @@ def test_anyres_runtime_needs_neither_torch_nor_transformers(gprune_bundle):
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "TORCH-FREE OK" in done.stdout, done.stderr[-2000:]
+
+
+# --- command lines ------------------------------------------------------------------------------------------------------
+
+
+def test_prune_run_and_prune_viz_on_an_anyres_bundle(gprune_bundle, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from vlmprune.runtime.cli import run_main, viz_main
+
+    assert run_main.run([str(gprune_bundle), "--image", "sample", "--prompt", "hi", "--keep", "0.25",
+                         "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["bucket"].startswith("gprune-") and out["visual_tokens_kept"] < out["visual_tokens_total"] / 3
+    png = tmp_path / "kept.png"
+    assert viz_main.run([str(gprune_bundle), "--image", "sample", "-o", str(png)]) == 0
+    with Image.open(png) as sheet:
+        arr = np.asarray(sheet.convert("RGB"))
+    assert sheet.width >= 2 * 336 and arr.std() > 20  # two panels (base view, raster) with a picture in them
+
+
+def test_prune_export_layouts_flag(tmp_path, capsys):
+    from vlmprune.export.cli import main as export_main
+
+    code = export_main.run(["--model", "tiny-llava-next", "--method", "fopru", "--keep", "0.5", "--layouts", "3x3",
+                            "--out", str(tmp_path / "b"), "--no-validate"])
+    assert code == 2 and "layout '3x3' is not one of" in capsys.readouterr().err
+    code = export_main.run(["--model", "tiny-llava-next", "--method", "gprune", "--tokens", "100",
+                            "--out", str(tmp_path / "c"), "--no-validate"])
+    assert code == 2 and "--tokens is not available for LLaVA-NeXT" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+"""``prune-viz`` for LLaVA-NeXT (anyres) bundles: per bucket, the base-view panel (the whole image squeezed to the
+view, as the model sees it) and the raster panel: the image as the crops see it (resized to the best pinpoint),
+cut to the unpadded tokens, one cell per raster token, kept ones bright and boxed, dropped ones dimmed. The panels
+have ``viz``'s size, so ``viz.compose`` lays them out like any other row. Pillow + numpy only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .anyres import fit_size, unpadded_span
+from .preprocess import to_rgb
+from .viz import BACKGROUND, BOX, INK, LINE_H, NOTE_INK, PANEL, PANEL_HEADER_H, _fit, _font, cell_edges, dim, overlay
+
+
+def canvas(image: Image.Image, layout) -> Image.Image:
+    """The padded pinpoint canvas the crops are cut from (black padding), as the preprocessing builds it."""
+    rgb = to_rgb(image)
+    w, h = rgb.size
+    th, tw = layout.pinpoint
+    nh, nw = fit_size((h, w), (th, tw))
+    out = Image.new("RGB", (tw, th), (0, 0, 0))
+    out.paste(rgb.resize((nw, nh), Image.Resampling.BICUBIC), ((tw - nw) // 2, (th - nh) // 2))
+    return out
+
+
+def raster_panel(image: Image.Image, layout, size_hw, kept: list[int], title: str, note: str = "") -> Image.Image:
+    """The unpadded raster over the image; ``kept``: raster positions ``r * width + c`` of the padded raster."""
+    top, bottom, left, right = unpadded_span(size_hw, layout.raster)
+    cell = layout.view // layout.side  # pixels of the canvas per token
+    region = canvas(image, layout).crop((left * cell, top * cell, right * cell, bottom * cell))
+    rh, rw = bottom - top, right - left
+    scale = PANEL / max(region.size)
+    pw, ph = max(1, round(region.width * scale)), max(1, round(region.height * scale))
+    arr = np.asarray(region.resize((pw, ph), Image.Resampling.BICUBIC), np.float32)
+    mask = np.zeros((rh, rw), bool)
+    width = layout.raster[1]
+    for i in kept:
+        r, c = divmod(int(i), width)
+        mask[r - top, c - left] = True
+    ys, xs = cell_edges(rh, ph), cell_edges(rw, pw)
+    rows = np.searchsorted(ys, np.arange(ph), side="right") - 1
+    cols = np.searchsorted(xs, np.arange(pw), side="right") - 1
+    arr = np.where(mask[rows[:, None], cols[None, :]][..., None], arr, dim(arr))
+    panel = Image.new("RGB", (PANEL, PANEL_HEADER_H + PANEL), BACKGROUND)
+    ox, oy = (PANEL - pw) // 2, PANEL_HEADER_H + (PANEL - ph) // 2
+    panel.paste(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), (ox, oy))
+    draw = ImageDraw.Draw(panel)
+    for r, c in zip(*np.nonzero(mask)):
+        draw.rectangle([ox + xs[c], oy + ys[r], ox + xs[c + 1] - 1, oy + ys[r + 1] - 1], outline=BOX)
+    font = _font()
+    draw.text((2, 1), _fit(draw, title, PANEL - 4, font), fill=INK, font=font)
+    if note:
+        draw.text((2, 1 + LINE_H), _fit(draw, note, PANEL - 4, font), fill=NOTE_INK, font=font)
+    return panel
+
+
+def anyres_panels(pipe, image: Image.Image, keeps: list[float] | None, prompt: str) -> list[Image.Image]:
+    """Two panels per bucket of the image's layout (the pruned ones, or those of ``keeps``): base view, raster."""
+    w, h = image.size
+    layout = pipe.anyres.layout((h, w))
+    if keeps:
+        buckets = [pipe.choose_bucket_for(layout, k)[0] for k in keeps]
+    else:
+        buckets = [b for b in pipe.manifest["vision"]["buckets"]
+                   if b.get("layout") == layout.name and b["method"] != "none"] or [pipe.choose_bucket_for(layout, 1.0)[0]]
+    side = layout.side
+    base_view = to_rgb(image).resize((PANEL, PANEL), Image.Resampling.BICUBIC)  # the base view: whole, squeezed
+    panels = []
+    for bucket in buckets:
+        req = pipe.request(image, prompt, bucket=bucket)
+        out, size_hw = req["outputs"], req["size_hw"]
+        base = out["base_indices"][0].tolist()
+        count = int(out["raster_count"].reshape(-1)[0])
+        raster = out["raster_indices"][0][:count].tolist()
+        valid = int(layout.valid_mask(size_hw).sum())
+        panels.append(overlay(base_view, base, (side, side),
+                              f"{bucket['method']} keep {bucket['keep']}: base {len(base)}/{side * side}",
+                              "base view: the whole image at the view size"))
+        top, bottom, _, _ = unpadded_span(size_hw, layout.raster)
+        panels.append(raster_panel(image, layout, size_hw, raster, f"raster {layout.name}: {count}/{valid} tokens",
+                                   f"+ {bottom - top} row newlines, always kept"))
+    return panels
