@@ -187,4 +187,3 @@ def anyres_manifest(manifest: dict, adapter, spec, tmp: Path) -> None:
     prompt["stitch"] = "anyres_raster"
     prompt["positions"] = DEFAULT_POSITIONS.get(spec.name, "contiguous")
     prompt["image_newline"] = {"file": "image_newline.npy", "shape": list(newline.shape), "dtype": "float32"}
-    manifest["model"]["family"] = adapter.family.to_dict()

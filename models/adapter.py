@@ -177,6 +177,8 @@ class VLMAdapter(ABC):
             "source": self.source,
             "vision": {**asdict(self.vision), "views": [asdict(v) for v in self.vision.views]},
             "text": {k: v for k, v in asdict(self.text).items() if k != "chat_template"},
+            # the registry's declaration: capabilities, fp32 scopes, decoder I/O, runtime recipe
+            **({"family": self.family.to_dict()} if self.family is not None else {}),
         }
 
 
