@@ -27,6 +27,7 @@ from vlmprune.bundle import Bundle
 from vlmprune.cli_common import main_wrapper
 from vlmprune.integrity import make_record, write_record
 from vlmprune.errors import VlmpruneError
+from vlmprune.runtime.trt_profile import decoder_profile, shape_strings, text_encoder_profile
 
 from .targets import TARGETS, Target, get_target
 
@@ -55,18 +56,10 @@ def pinned_layers(onnx_path: Path) -> list[str]:
 
 
 def decoder_shapes(manifest: dict) -> dict[str, str]:
-    """Optimisation profile from the manifest: S in [1, C], P in [0, C - 1], P + S <= C (C = max context)."""
-    d = manifest["decoder"]
-    c, h, dh, hid = d["max_context"], d["num_kv_heads"], d["head_dim"], d["hidden_size"]
-    opt_p = min(c - 1, 1024)
-
-    def spec(s, p):
-        parts = [f"inputs_embeds:1x{s}x{hid}", f"attention_mask:1x{p + s}", f"position_ids:1x{s}"]
-        for i in range(d["num_layers"]):
-            parts += [f"past_key_values.{i}.key:1x{h}x{p}x{dh}", f"past_key_values.{i}.value:1x{h}x{p}x{dh}"]
-        return ",".join(parts)
-
-    return {"min": spec(1, 0), "opt": spec(1, opt_p), "max": spec(1, c - 1), "max_prefill": spec(c, 0)}
+    """Optimisation profile from the manifest, as trtexec shape strings: the runtime's definition
+    (``runtime/trt_profile.py``), which the TensorRT decoder checks its engine against. One profile covers prefill
+    (S up to C) and decode (P up to C - 1): min/opt from decode, max both maxima."""
+    return shape_strings(decoder_profile(manifest["decoder"]))
 
 
 def plan_jobs(bundle: Path, manifest: dict, target: Target, precision: str, decoder: bool) -> list[EngineJob]:
@@ -85,22 +78,11 @@ def plan_jobs(bundle: Path, manifest: dict, target: Target, precision: str, deco
     if manifest.get("text_encoder"):
         te = manifest["text_encoder"]
         jobs.append(EngineJob("text_encoder", bundle / te["file"], out_dir / "text_encoder.engine",
-                              shapes={"min": "input_ids:1x1", "opt": "input_ids:1x16", "max": f"input_ids:1x{te['max_length']}"}))
+                              shapes=shape_strings(text_encoder_profile(te))))
     if decoder:
-        shapes = decoder_shapes(manifest)
-        # one profile covering prefill (S up to C) and decode (P up to C - 1): min/opt from decode, max = both maxima
-        max_spec = _merge_max(shapes["max"], shapes["max_prefill"])
         jobs.append(EngineJob("decoder", bundle / manifest["decoder"]["file"], out_dir / "decoder.engine",
-                              shapes={"min": shapes["min"], "opt": shapes["opt"], "max": max_spec}))
+                              shapes=decoder_shapes(manifest)))
     return jobs
-
-
-def _merge_max(a: str, b: str) -> str:
-    def parse(spec):
-        return {k: [int(x) for x in v.split("x")] for k, v in (p.split(":") for p in spec.split(","))}
-
-    pa, pb = parse(a), parse(b)
-    return ",".join(f"{k}:{'x'.join(str(max(x, y)) for x, y in zip(pa[k], pb[k]))}" for k in pa)
 
 
 def _qdq_path(bundle: Path, bucket: dict) -> Path:

@@ -30,13 +30,16 @@ class Backend:
         return {k: np.ascontiguousarray(v, dtype=self.inputs[k]) for k, v in feeds.items()}
 
 
-def choose_providers(requested: str | None = None) -> list[str]:
-    import onnxruntime as ort
+def choose_providers(requested: str | None = None, available: list[str] | None = None) -> list[str]:
+    """``available``: the providers to choose from (default: this ONNX Runtime's; ``--plan`` passes others)."""
+    if available is None:
+        import onnxruntime as ort
 
-    available = ort.get_available_providers()
+        available = ort.get_available_providers()
     if requested:
         name = requested if requested.endswith("ExecutionProvider") else f"{requested.capitalize()}ExecutionProvider"
-        name = {"TrtExecutionProvider": "TensorrtExecutionProvider", "CudaExecutionProvider": "CUDAExecutionProvider"}.get(name, name)
+        name = {"TrtExecutionProvider": "TensorrtExecutionProvider", "CudaExecutionProvider": "CUDAExecutionProvider",
+                "CpuExecutionProvider": "CPUExecutionProvider"}.get(name, name)
         if name not in available:
             raise VlmpruneError(f"ONNX Runtime provider {requested!r} is not available here",
                                 f"available: {', '.join(available)}")
@@ -47,7 +50,10 @@ def choose_providers(requested: str | None = None) -> list[str]:
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, path: Path, provider: str | None = None, threads: int | None = None):
+    def __init__(self, path: Path, provider: str | None = None, threads: int | None = None,
+                 providers: list[str] | None = None, provider_options: list[dict] | None = None):
+        """``providers``/``provider_options``: this graph's own provider list (``stages.StagePlanner`` chooses per
+        stage); default ``choose_providers(provider)``."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -59,12 +65,16 @@ class OrtBackend(Backend):
         threads = threads or int(os.environ.get("VLMPRUNE_THREADS", "0"))
         if threads:
             opts.intra_op_num_threads = threads
-        self.providers = choose_providers(provider)
+        self.providers = list(providers) if providers else choose_providers(provider)
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
+            self.session = ort.InferenceSession(str(path), opts, providers=self.providers,
+                                                provider_options=provider_options)
         except Exception as exc:  # ORT raises its own exception types for corrupt files
             raise VlmpruneError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0][:200]}",
                                 "re-export the bundle") from None
+        # What the session really runs on: a GPU provider whose CUDA libraries fail to load is dropped with only a
+        # log line, and the stage report must say so.
+        self.providers = self.session.get_providers()
         self.inputs = {i.name: _ORT_TYPES[i.type] for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -85,7 +95,8 @@ class OrtDecoder:
         self.kv_dtype = np.dtype(spec.get("kv_dtype", "float32"))
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
         self.present_names = [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
-        self.device = "cuda" if "CUDAExecutionProvider" in backend.providers else "cpu"
+        # presents stay where the session computes: CUDA memory under the CUDA or the TensorRT provider
+        self.device = "cuda" if backend.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.reset()
 
     def reset(self) -> None:
