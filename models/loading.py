@@ -190,7 +190,13 @@ def load_model(
         if any(p.dtype != torch.float32 for p in module.parameters()):
             module.float()  # the vision side is small; the export decides its precision
     try:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if family.processor_loader:
+            import importlib
+
+            module, _, fn = family.processor_loader.partition(":")
+            processor = getattr(importlib.import_module(module), fn)(path, trust_remote_code=trust_remote_code)
+        else:
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
         raise VlmpruneError(f"cannot load the processor files at {path}: {str(exc).splitlines()[0][:200]}",
                             "the folder needs tokenizer and preprocessor files as published with the model") from None

@@ -110,6 +110,24 @@ PRESETS: dict[str, PresetSpec] = {
         family="llava_next",
         grid_pinpoints=LLAVA_V16_PINPOINTS,
     ),
+    "tiny-qwen2.5-vl": PresetSpec(
+        name="tiny-qwen2.5-vl",
+        description="Qwen2.5-VL geometry (patch 14, temporal patch 2, 2x2 merger, window 112, full-attention blocks, "
+                    "M-RoPE), tiny widths; 448x448 gives 256 merged tokens",
+        vision_hidden=64,
+        vision_layers=4,
+        vision_heads=4,
+        vision_intermediate=128,
+        text_hidden=128,
+        text_layers=2,
+        text_heads=4,
+        text_kv_heads=2,
+        text_intermediate=256,
+        max_context=2048,
+        image_size=448,
+        seed=4,
+        family="qwen2_5_vl",
+    ),
 }
 
 
@@ -133,7 +151,12 @@ def ensure_preset(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(target.parent, target.name)  # marked with its owner, so a later run can remove a leftover
     try:
-        write_llava_preset(spec, tmp)
+        if spec.family == "qwen2_5_vl":
+            from .qwen_preset import write_qwen_preset
+
+            write_qwen_preset(spec, tmp)
+        else:
+            write_llava_preset(spec, tmp)
         try:
             rename_noreplace(tmp, target)
         except OSError:  # another process won the race; its folder is as good as ours

@@ -16,9 +16,9 @@ from typing import Any
 from vlmprune.errors import VlmpruneError
 
 # Adapter files, imported on first use (they import torch).
-_ADAPTER_MODULES = ("vlmprune.models.llava", "vlmprune.models.llava_next")
+_ADAPTER_MODULES = ("vlmprune.models.llava", "vlmprune.models.llava_next", "vlmprune.models.qwen2_5_vl")
 # Families known but not built yet: they say so rather than failing deep inside transformers.
-PLANNED = {"qwen2_5_vl": "Qwen2.5-VL", "llava_onevision": "LLaVA-OneVision"}
+PLANNED = {"llava_onevision": "LLaVA-OneVision"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ class Family:
     decoder_io: DecoderIO = field(default_factory=DecoderIO)
     # Submodules of the transformers model that form the vision side (kept fp32 at load, released after export).
     vision_modules: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector")
+    # "module:function(path, trust_remote_code)" loading the processor when AutoProcessor cannot ("" = AutoProcessor)
+    processor_loader: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

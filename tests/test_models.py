@@ -133,8 +133,8 @@ def write_config(folder, model_type):
 
 
 def test_planned_and_unknown_architectures_are_named(tmp_path):
-    with pytest.raises(VlmpruneError, match="Qwen2.5-VL .* not supported"):
-        load_model(str(write_config(tmp_path / "q", "qwen2_5_vl")))
+    with pytest.raises(VlmpruneError, match="LLaVA-OneVision .* not supported"):
+        load_model(str(write_config(tmp_path / "q", "llava_onevision")))
     with pytest.raises(VlmpruneError, match="unknown model type 'bert'"):
         load_model(str(write_config(tmp_path / "b", "bert")))
 

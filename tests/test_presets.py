@@ -30,6 +30,12 @@ def test_preset_loads_through_its_family(adapter):
 
 def test_geometry_follows_the_config(adapter):
     vcfg = adapter.model.config.vision_config
+    if adapter.arch == "qwen2_5_vl":  # a static bucket size, merged 2x2 (tests/test_qwen2_5_vl.py has the rest)
+        (view,) = adapter.vision.views
+        side = vcfg.patch_size * vcfg.spatial_merge_size
+        assert view.grid == (view.image_size[0] // side, view.image_size[1] // side) and not view.has_cls
+        assert adapter.vision.layers_run == vcfg.depth
+        return
     side = vcfg.image_size // vcfg.patch_size
     for view in adapter.vision.views:
         assert view.image_size == (vcfg.image_size, vcfg.image_size) and view.grid == (side, side)
@@ -41,6 +47,8 @@ def test_geometry_follows_the_config(adapter):
 def test_pieces_reproduce_the_library_forward(adapter):
     size = adapter.vision.views[0].image_size
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    if adapter.arch == "qwen2_5_vl":  # the processor's flattened patches [N, C*T*P*P]
+        x = torch.randn(size[0] * size[1] // 196, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
     ours = adapter.project(adapter.select_patches(adapter.scoring_layer(adapter.hidden_before_scoring(x))))
     torch.testing.assert_close(ours, adapter.reference_image_features(x), rtol=1e-5, atol=1e-5)
 
@@ -55,6 +63,12 @@ def test_runtime_preprocessing_reproduces_the_processor(adapter):
     if adapter.preprocessing.kind == "anyres":
         ours, _, layout = AnyresPreprocessor(constants, adapter.vision.views[0].grid[0])(image)
         theirs = theirs[0][: layout.num_views]
+    elif adapter.preprocessing.kind == "qwen2_vl":  # at the bucket the processor itself picks for this image
+        from vlmprune.runtime.qwen_preprocess import QwenPreprocessor, smart_resize
+
+        ip = adapter.processor.image_processor
+        adapter.set_image_size(smart_resize(263, 517, 28, ip.size["shortest_edge"], ip.size["longest_edge"]))
+        ours = QwenPreprocessor(adapter.preprocessing.to_dict())(image)
     else:
         ours = Preprocessor(constants)(image)
     assert ours.shape == theirs.shape

@@ -1,0 +1,93 @@
+"""Qwen2-VL image preprocessing at a static bucket size, with numpy + Pillow (torch-free).
+
+transformers' ``Qwen2VLImageProcessor`` resizes each image to ``smart_resize`` of its own size (a multiple of 28
+per side near its area); a bundle's vision graph has one static size, so the runtime resizes to the bucket's size
+instead and then does exactly what the processor does: Pillow resize of the RGB uint8 image, rescale, normalise,
+and patchify into the flattened patch sequence (merge groups in raster order of the merged grid, the four patches
+of a group consecutive, each patch ``C x T x P x P`` with the frame repeated ``T`` times). For an image whose
+``smart_resize`` is the bucket size the output equals the processor's (``tests/test_qwen2_5_vl.py``).
+
+Written by hand because the runtime may not import transformers; the patchify is three numpy lines.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from vlmprune.errors import VlmpruneError
+
+from .preprocess import _FILTERS, to_rgb
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """``transformers.models.qwen2_vl.image_processing_qwen2_vl.smart_resize`` (the size the processor would choose
+    for this image; the runtime uses it to pick the closest bucket)."""
+    import math
+
+    if max(height, width) / min(height, width) > 200:
+        raise VlmpruneError(f"an image of {width}x{height} has an aspect ratio above 200",
+                            "crop it to a less extreme aspect ratio first")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def patchify(x: np.ndarray, patch: int, temporal: int, merge: int) -> np.ndarray:
+    """[C, H, W] -> [N, C*T*P*P] in the processor's order (``Qwen2VLImageProcessor.patchify``)."""
+    c, h, w = x.shape
+    gh, gw = h // patch, w // patch
+    p = x.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch)
+    p = p.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
+    p = np.broadcast_to(p[:, :, :, :, :, None], (*p.shape[:5], temporal, patch, patch))
+    return np.ascontiguousarray(p.reshape(gh * gw, c * temporal * patch * patch), dtype=np.float32)
+
+
+class QwenPreprocessor:
+    """``image -> pixel_values [N, C*T*P*P] float32`` at the bucket size ``crop_size`` of the manifest's
+    ``preprocessing`` block (kind ``qwen2_vl``)."""
+
+    def __init__(self, constants: dict):
+        self.c = constants
+        if constants["resample"] not in _FILTERS:
+            raise VlmpruneError(f"unknown resample filter {constants['resample']!r} in the manifest", "re-export")
+        self.size = tuple(int(x) for x in constants["crop_size"])  # (height, width)
+        self.patch = int(constants.get("patch_size", 14))
+        self.temporal = int(constants.get("temporal_patch_size", 2))
+        self.merge = int(constants.get("merge_size", 2))
+        factor = self.patch * self.merge
+        if self.size[0] % factor or self.size[1] % factor:
+            raise VlmpruneError(f"the manifest's image size {self.size} is not a multiple of {factor}", "re-export")
+        self.mean = np.asarray(constants["mean"], np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(constants["std"], np.float32).reshape(3, 1, 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The pre-merge patch grid (gh, gw)."""
+        return self.size[0] // self.patch, self.size[1] // self.patch
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        c = self.c
+        if c.get("do_convert_rgb", True) or image.mode != "RGB":
+            image = to_rgb(image)
+        h, w = self.size
+        if c["do_resize"] and image.size != (w, h):
+            image = image.resize((w, h), _FILTERS[c["resample"]])
+        elif image.size != (w, h):
+            raise VlmpruneError(f"the image is {image.size[0]}x{image.size[1]} and the bundle takes {w}x{h} with "
+                                "resizing off", "resize the image to the bundle's size")
+        x = np.asarray(image).astype(np.float32).transpose(2, 0, 1)
+        if c["do_rescale"]:
+            x = x * np.float32(c["rescale_factor"])
+        if c["do_normalize"]:
+            x = (x - self.mean) / self.std
+        return patchify(x, self.patch, self.temporal, self.merge)

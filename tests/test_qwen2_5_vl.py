@@ -1,0 +1,109 @@
+"""Qwen2.5-VL: the family in the registry, the tiny preset's geometry, the static-size encoder against
+transformers' own forward, and the torch-free preprocessing against the Qwen2-VL image processor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmprune.errors import VlmpruneError
+from vlmprune.models.registry import families, family_for
+from vlmprune.sample import make_sample_image
+
+PRESET = "tiny-qwen2.5-vl"
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    from vlmprune.models import load_model
+
+    torch.set_grad_enabled(False)
+    adapter = load_model(PRESET)
+    yield adapter
+    adapter.set_image_size((448, 448))
+
+
+def test_family_declaration():
+    fam = family_for("qwen2_5_vl")
+    assert fam is families()["qwen2_5_vl"]
+    assert fam.transformers_class == "Qwen2_5_VLForConditionalGeneration"
+    caps = fam.capabilities
+    assert not caps.has_cls and not caps.clip_joint_space and caps.global_attention_layer == "last_full_attention"
+    assert fam.decoder_io.position_rank == 3 and fam.recipe.positions == "mrope"
+    assert fam.recipe.preprocess == "qwen2_vl"
+    assert any("norm" in s for s in fam.fp32_scopes) and any("method" in s for s in fam.fp32_scopes)
+    from vlmprune.prune.registry import METHODS
+
+    fam.check_needs("fopru", METHODS["fopru"].needs)
+    fam.check_needs("gprune", METHODS["gprune"].needs)
+    with pytest.raises(VlmpruneError, match="needs a CLS token, a CLIP joint text-image space.*Qwen2.5-VL"):
+        fam.check_needs("gridprune", METHODS["gridprune"].needs)
+
+
+def test_preset_geometry(qwen):
+    cfg = qwen.model.config
+    v = cfg.vision_config
+    assert (v.patch_size, v.temporal_patch_size, v.spatial_merge_size, v.window_size) == (14, 2, 2, 112)
+    assert list(v.fullatt_block_indexes) == [1, 3] and v.depth == 4
+    assert sum(qwen.mrope_section) * 2 == qwen.text.head_dim
+    assert qwen.vision.views[0].grid == (16, 16) and not qwen.vision.views[0].has_cls
+    tok = qwen.tokenizer
+    for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"):
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and tok.convert_ids_to_tokens(ids[0]) == t
+    assert qwen.text.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert qwen.text.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    prompt = qwen.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    assert prompt == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                      "<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(VlmpruneError, match="multiple of 28"):
+        qwen.set_image_size((448, 450))
+
+
+@pytest.mark.parametrize("size", [(448, 448), (476, 364), (280, 560)])
+def test_static_encoder_matches_transformers(qwen, size):
+    """448 x 448 has equal windows (a reshape), the others ragged ones (the block mask); the pieces the exporter
+    traces (up to the scoring block, the rest, window order undone, merger) compose to the library's forward."""
+    qwen.set_image_size(size)
+    image = make_sample_image(size[1], size[0])
+    pv = qwen.processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    assert pv.shape[0] == size[0] * size[1] // 196
+    ref = qwen.reference_image_features(pv)
+    ours = qwen.project(qwen.select_patches(qwen.scoring_layer(qwen.hidden_before_scoring(pv))))
+    assert ours.shape == (size[0] * size[1] // 784, qwen.text.hidden_size)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+# (image width, height): the bucket is the processor's own smart_resize of the image, so both resize alike
+@pytest.mark.parametrize("wh", [(448, 448), (517, 263), (640, 480), (300, 900), (61, 97), (1500, 1100)])
+def test_runtime_preprocessing_matches_the_processor(qwen, wh):
+    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor, smart_resize
+
+    ip = qwen.processor.image_processor
+    image = make_sample_image(*wh)
+    bucket = smart_resize(wh[1], wh[0], 28, ip.size["shortest_edge"], ip.size["longest_edge"])
+    qwen.set_image_size(bucket)
+    theirs = ip(image, return_tensors="np")
+    assert list(theirs["image_grid_thw"][0]) == [1, bucket[0] // 14, bucket[1] // 14]
+    ours = QwenPreprocessor(qwen.preprocessing.to_dict())(image)
+    assert ours.shape == theirs["pixel_values"].shape and ours.dtype == np.float32
+    assert float(np.abs(ours - theirs["pixel_values"]).max()) <= 1e-5
+
+
+def test_runtime_preprocessing_modes(qwen):
+    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor
+
+    qwen.set_image_size((448, 448))
+    pre = QwenPreprocessor(qwen.preprocessing.to_dict())
+    rgb = make_sample_image(448, 448)
+    for image in (rgb.convert("L"), rgb.convert("RGBA"), rgb.convert("P")):
+        theirs = qwen.processor.image_processor(image, return_tensors="np")["pixel_values"]
+        assert float(np.abs(pre(image) - theirs).max()) <= 1e-5
+    # any image goes to the bucket size
+    assert pre(make_sample_image(1000, 300)).shape == (1024, 3 * 2 * 14 * 14)
+    with pytest.raises(VlmpruneError, match="not a multiple of 28"):
+        QwenPreprocessor({**qwen.preprocessing.to_dict(), "crop_size": [448, 450]})
