@@ -12,20 +12,31 @@ import numpy as np
 
 from vlmprune.atomic import DirLock, clean_leftovers, make_temp_dir, remove_temp, swap_dirs
 from vlmprune.bundle import Bundle
-from vlmprune.cli_common import main_wrapper, quiet_libraries
+from vlmprune.cli_common import HelpFormatter, main_wrapper, quiet_libraries, require_extra
 from vlmprune.errors import VlmpruneError
 from vlmprune.integrity import make_record, write_record
 
 OUT = "int8"  # the calibration's own subfolder: qdq/, calib/, report.json, record.json
 
 
+HOLDOUT = 8  # images held out for the accuracy report by default, at most a quarter of those found
+
+
 def _parser():
-    p = argparse.ArgumentParser(prog="prune-calibrate", description=__doc__.split("\n\n")[0].strip("`"))
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--images", type=Path, required=True, help="folder of calibration images (searched recursively)")
-    p.add_argument("--num", type=int, default=256, help="images to use (default 256)")
-    p.add_argument("--algo", default="entropy", choices=["entropy", "minmax", "percentile"])
-    p.add_argument("--holdout", type=int, default=8, help="images kept out of calibration for the accuracy report")
+    p = argparse.ArgumentParser(
+        prog="prune-calibrate", formatter_class=HelpFormatter,
+        description="INT8 calibration of a bundle's vision buckets: Q/DQ ONNX graphs (and TensorRT calibration caches "
+                    "where TensorRT is installed) in BUNDLE/int8/, with an accuracy report of the quantised graphs "
+                    "against fp32 on held-out images. Needs the calibrate extra (onnx).")
+    p.add_argument("bundle", type=Path, help="bundle folder written by prune-export")
+    p.add_argument("--images", type=Path, required=True,
+                   help="folder of representative photos (searched recursively); a few hundred is typical")
+    p.add_argument("--num", type=int, default=256, help="images to calibrate with")
+    p.add_argument("--algo", default="entropy", choices=["entropy", "minmax", "percentile"],
+                   help="activation range: entropy (KL divergence, TensorRT's default), minmax, or percentile")
+    p.add_argument("--holdout", type=int,
+                   help=f"images kept out of calibration for the accuracy report (default: min({HOLDOUT}, a quarter "
+                        "of the images found); 0 reports on a calibration image")
     return p
 
 
@@ -35,6 +46,16 @@ def _progress():
     except ImportError:  # the edge runtime may lack tqdm: plain iteration
         return None
     return lambda it, **kw: tqdm(it, file=sys.stderr, **kw)
+
+
+def _log(line: str) -> None:
+    """A status line on stderr that does not break a progress bar drawn there."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(line, file=sys.stderr)
+    else:
+        tqdm.write(line, file=sys.stderr)
 
 
 def _text_embeds(bundle, manifest: dict, count: int) -> list[np.ndarray]:
@@ -54,13 +75,14 @@ def _text_embeds(bundle, manifest: dict, count: int) -> list[np.ndarray]:
 def main(argv=None):
     quiet_libraries()
     args = _parser().parse_args(argv)
+    require_extra("prune-calibrate", "calibrate", "onnx")  # ONNX Runtime's quantiser reads and writes onnx models
     from .cache import tensorrt_available, write_cache
     from .data import load_calibration_images
     from .qdq import accuracy, quantize
 
     if args.num < 1:
         raise VlmpruneError(f"--num {args.num} must be at least 1", "e.g. --num 256")
-    if args.holdout < 0:
+    if args.holdout is not None and args.holdout < 0:
         raise VlmpruneError(f"--holdout {args.holdout} must be 0 or more", "e.g. --holdout 8")
     bundle = Bundle.open(args.bundle)
     manifest = bundle.manifest
@@ -68,7 +90,7 @@ def main(argv=None):
     # the export's record is never touched, and a killed run leaves only a marked leftover (removed next time).
     with DirLock(bundle.folder, OUT, f"{bundle.folder / OUT}"):
         for line in clean_leftovers(bundle.folder):
-            print(line, file=sys.stderr)
+            _log(line)
         tmp = make_temp_dir(bundle.folder, OUT)
         try:
             meta = _calibrate(args, bundle, manifest, tmp, load_calibration_images, quantize, accuracy,
@@ -93,11 +115,23 @@ def main(argv=None):
 def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quantize, accuracy, tensorrt_available,
                write_cache) -> dict:
     progress = _progress()
-    pixels, skipped = load_calibration_images(args.images, manifest["preprocessing"], args.num + args.holdout, progress)
-    holdout = min(args.holdout, max(0, len(pixels) - 1))
-    calib_px, eval_px = pixels[: len(pixels) - holdout], pixels[len(pixels) - holdout:] if holdout else pixels[:1]
-    print(f"calibration images: {len(calib_px)} (+{holdout} held out for the report), {skipped} unreadable skipped",
-          file=sys.stderr)
+    auto = args.holdout is None
+    pixels, skipped = load_calibration_images(args.images, manifest["preprocessing"],
+                                              args.num + (HOLDOUT if auto else args.holdout), progress)
+    n = len(pixels)
+    holdout = min(HOLDOUT, n // 4) if auto else args.holdout
+    if holdout >= n:  # never shrink the calibration set silently to make room for the report
+        raise VlmpruneError(f"--holdout {holdout} leaves no image to calibrate with ({n} readable in {args.images})",
+                            f"give --holdout {n // 4} or less, or more images")
+    calib_px, eval_px = pixels[: n - holdout], pixels[n - holdout:] if holdout else pixels[:1]
+    how = f" (default: min({HOLDOUT}, a quarter of the {n} found); --holdout N to change)" if auto else ""
+    _log(f"calibration images: {len(calib_px)}; held out for the accuracy report: {holdout}{how}; "
+         f"unreadable skipped: {skipped}")
+    if holdout == 0:
+        _log("no image held out: the accuracy report is measured on a calibration image (optimistic)")
+    if len(calib_px) < 32:
+        _log(f"only {len(calib_px)} calibration image(s): INT8 ranges from so few are rough; a few hundred "
+             "representative photos are typical")
     calib_dir = tmp / "calib"
     calib_dir.mkdir()
     np.save(calib_dir / "pixel_values.npy", calib_px)  # the batches, for trtexec --loadInputs or a later cache build

@@ -38,6 +38,8 @@ def load_calibration_images(folder: Path, preprocessing: dict, num: int, progres
             batches.append(pre(load_image(path)))
         except VlmpruneError:
             skipped += 1
+    if hasattr(iterator, "close"):  # a bar left open by the early break would share its line with the next one
+        iterator.close()
     if not batches:
         raise VlmpruneError(f"none of the {len(files)} images in {folder} could be read", "check the files")
     return np.concatenate(batches), skipped

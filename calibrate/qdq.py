@@ -8,6 +8,10 @@ quantised: the pruning subgraph, every LayerNorm and the attention softmax stay 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -63,19 +67,43 @@ def quantize(onnx_path: Path, out_path: Path, feeds: list[dict[str, np.ndarray]]
 
     method = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
               "percentile": CalibrationMethod.Percentile}[algo]
-    quantize_static(
-        str(onnx_path), str(out_path), FeedReader(feeds),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-        nodes_to_exclude=exclude,
-        per_channel=True,
-        calibrate_method=method,
-        # TensorRT takes symmetric INT8 with zero points of 0
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibMovingAverage": False},
-    )
+    # The quantiser prints its calibration steps on stdout and, per graph, warns twice that the model was not
+    # pre-processed. Pre-processing (quant_pre_process) is shape inference, which static exported graphs do not need,
+    # and graph optimisation, which would rename the nodes kept in float by name; so the chatter is captured and the
+    # warning dropped, and prune-calibrate's own lines and progress bar stay readable.
+    with contextlib.redirect_stdout(io.StringIO()), _without_log(_PREPROCESS_HINT):
+        quantize_static(
+            str(onnx_path), str(out_path), FeedReader(feeds),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+            nodes_to_exclude=exclude,
+            per_channel=True,
+            calibrate_method=method,
+            # TensorRT takes symmetric INT8 with zero points of 0
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibMovingAverage": False},
+        )
     return "onnxruntime.quantization"
+
+
+_PREPROCESS_HINT = re.compile(r"consider (to run )?pre-processing before quantization", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _without_log(pattern: re.Pattern):
+    """Drop root-logger records matching ``pattern`` while the block runs (the quantiser logs through the root)."""
+
+    class Drop(logging.Filter):
+        def filter(self, record):
+            return not pattern.search(record.getMessage())
+
+    drop, root = Drop(), logging.getLogger()
+    root.addFilter(drop)  # a logger's filter sees every record logged on it, whichever handler is added later
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def accuracy(fp32_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarray]]) -> dict:

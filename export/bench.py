@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmprune.cli_common import main_wrapper, quiet_libraries
+from vlmprune.cli_common import HelpFormatter, main_wrapper, quiet_libraries, require_extra
 from vlmprune.errors import VlmpruneError
 
 DEFAULT_PROMPT = "Describe the picture: what objects are there, what colors do they have, and where are they?"
@@ -31,18 +31,20 @@ TARGETS = {
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="prune-bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="prune-bench", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="bench-llava", help="preset, folder or cached HF id (default: bench-llava)")
     p.add_argument("--methods", default="fopru,gprune,gridprune", help="comma-separated methods")
     p.add_argument("--keep", default="1.0,0.5,0.25,0.111", help="keep ratios; 1.0 is the unpruned none bucket")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated for TPOT")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="question asked about the image (also GridPrune's text)")
     p.add_argument("--image", default="sample", help="image file or 'sample'")
     p.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime and torch (default: all cores)")
     p.add_argument("--no-transformers", dest="baseline", action="store_false", help="skip the transformers baseline")
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="folder for results.json, results.md, ttft_vs_keep.png, stages.png and the bundles")
     return p
 
 
@@ -222,6 +224,7 @@ def run_bench(args) -> dict:
                     "vision_prune_ms": vision_prune,
                     "preprocess_ms": median(r.timings.preprocess_ms for r in measured),
                     "text_encoder_ms": median(r.timings.text_encoder_ms for r in measured),
+                    "vision_in_run_ms": median(r.timings.vision_ms for r in measured),  # the stage inside TTFT
                     "prefill_ms": median(r.timings.prefill_ms for r in measured),
                     "ttft_ms": median(r.timings.ttft_ms for r in measured),
                     "tpot_ms": median(r.timings.tpot_ms for r in measured),
@@ -310,56 +313,16 @@ def markdown(report: dict) -> str:
 
 
 def plots(report: dict, out: Path) -> list[Path]:
-    import matplotlib
+    from .bench_plots import plots as draw  # the pictures live in their own module
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["rows"]
-    written = []
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        color = f"C{i}"
-        pts = sorted((r["keep"], r["ttft_ms"]) for r in rows if r["method"] == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=f"{method} (runtime)")
-        hf = sorted((r["keep"], r["transformers_ttft_ms"]) for r in rows if r["method"] == method and "transformers_ttft_ms" in r)
-        if hf:
-            ax.plot([p[0] for p in hf], [p[1] for p in hf], marker="x", linestyle="--", alpha=0.6, color=color,
-                    label=f"{method} (transformers eager)")
-    ax.set_xlabel("keep ratio")
-    ax.set_ylabel("time to first token (ms)")
-    ax.set_title(f"TTFT against keep ratio - {report['model']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out / "ttft_vs_keep.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(max(6.5, 0.6 * len(rows)), 4.2))
-    labels = [f"{r['method']}\n{r['keep']}" for r in rows]
-    stages = [("preprocess_ms", "preprocess"), ("text_encoder_ms", "text encoder"), ("vision_prune_ms", "vision+prune"),
-              ("prefill_ms", "prefill")]
-    bottom = np.zeros(len(rows))
-    for key, name in stages:
-        vals = np.array([r[key] for r in rows])
-        ax.bar(labels, vals, bottom=bottom, label=name)
-        bottom += vals
-    ax.set_ylabel("ms")
-    ax.set_title("Stages up to the first token (medians)")
-    ax.legend(fontsize=8)
-    ax.tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    written.append(out / "stages.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
-    return written
+    return draw(report, out)
 
 
 @main_wrapper("prune-bench")
 def main(argv=None):
     quiet_libraries()
     args = _parser().parse_args(argv)
+    require_extra("prune-bench", "export", "torch", "transformers", "onnx", "matplotlib")  # it exports, then plots
     t0 = time.perf_counter()
     report = run_bench(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from vlmprune.cli_common import main_wrapper, quiet_libraries
+from vlmprune.cli_common import HelpFormatter, main_wrapper, quiet_libraries, require_extra
 from vlmprune.errors import VlmpruneError
 
 
@@ -42,21 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     from .targets import DEFAULT_TARGET, TARGETS
 
     p = argparse.ArgumentParser(
-        prog="prune-export",
+        prog="prune-export", formatter_class=HelpFormatter,
         description="Export a VLM's vision encoder + pruning graph (one static budget bucket per keep ratio), "
-        "the CLIP text encoder where the method needs it, and the KV-cache decoder, validated against PyTorch.",
+        "the CLIP text encoder where the method needs it, and the KV-cache decoder, validated against PyTorch. "
+        "Method semantics and options: docs/methods.md, or --list-options.",
     )
     p.add_argument("--model", default="tiny-llava", help="built-in preset, local folder or cached HF id (default: tiny-llava)")
-    p.add_argument("--method", required=True, help=f"pruning method: {', '.join(METHODS)}")
+    p.add_argument("--method", required=True,
+                   help=f"pruning method: {', '.join(METHODS)} (options of each: --list-options)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--keep", help="keep ratio(s), comma-separated, each in (0, 1]: e.g. 0.25,0.5")
-    budget.add_argument("--tokens", help="token budget(s) K, comma-separated")
+    budget.add_argument("--tokens", help="token budget(s) K, comma-separated, each in 1..N (N = 576 on LLaVA-1.5)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (repeatable); ranges and defaults: --list-options")
     p.add_argument("--list-options", action=_ListOptions, help="print every method's options, defaults and ranges")
     p.add_argument("--out", type=Path, help="output folder (default: exports/<model>-<method>)")
-    p.add_argument("--target", default=DEFAULT_TARGET, choices=sorted(TARGETS), help="TensorRT target: opset and lint")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--target", default=DEFAULT_TARGET, choices=sorted(TARGETS), help="TensorRT version the graphs are for (opset, LayerNorm form, lint); JetPack 5.1 "
+                   "(TensorRT 8.5) needs trt8.5")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                   help="vision graphs: fp32, or fp16 (the encoder in fp16; every LayerNorm and the pruning subgraph in "
+                        "fp32; validated by kept-index overlap with fp32 PyTorch)")
     p.add_argument("--clip", help="CLIP model for GridPrune's text tower (a preset brings its own)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation against PyTorch")
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 @main_wrapper("prune-export")
 def main(argv=None):
     quiet_libraries()
+    require_extra("prune-export", "export", "torch", "transformers", "onnx")  # before the parser: it lists methods
     args = build_parser().parse_args(argv)
     from .buckets import parse_list
     from .exporter import ExportRequest, export_bundle
@@ -103,13 +109,20 @@ def main(argv=None):
     else:
         for b in buckets:
             print(f"{b['name']:>16}: keep {b['keep']:<6} -> {b['k']} visual tokens  ({b['file']})")
-        lint = ", ".join(f"{t} {'ok' if ok else 'FAIL'}" for t, ok in summary["lint_ok"].items())
-        print(f"TensorRT lint: {lint}")
-        for target, ok in summary["lint_ok"].items():
-            if not ok:
+        from .targets import TARGETS
+
+        ok = [t for t, good in summary["lint_ok"].items() if good]
+        print(f"TensorRT lint (exported for --target {args.target}): loads on {', '.join(ok) or 'none'}")
+        for target, good in summary["lint_ok"].items():
+            if not good:  # other TensorRT versions need their own export; only the chosen target failing is an alarm
                 rules = sorted({f["rule"] for g in result.manifest["lint"].values()
                                 for f in g[target]["findings"] if f["level"] == "error"})
-                print(f"  {target}: {', '.join(rules)} (export with --target {target} for that TensorRT)")
+                jetpack = f" ({TARGETS[target].jetpack})" if target in TARGETS and TARGETS[target].jetpack else ""
+                if target == args.target:
+                    print(f"  {target}: FAIL ({', '.join(rules)})")
+                else:
+                    print(f"  TensorRT {target[3:]}{jetpack} needs its own export with --target {target} "
+                          f"(this one has: {', '.join(rules)})")
         print(f"bundle: {result.path}  ({summary['seconds']}s)", file=sys.stdout)
     return 0
 

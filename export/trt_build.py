@@ -24,7 +24,7 @@ from pathlib import Path
 
 from vlmprune.atomic import DirLock, clean_leftovers, make_temp_dir, remove_temp, swap_dirs
 from vlmprune.bundle import Bundle
-from vlmprune.cli_common import main_wrapper
+from vlmprune.cli_common import HelpFormatter, main_wrapper
 from vlmprune.integrity import make_record, write_record
 from vlmprune.errors import VlmpruneError
 from vlmprune.runtime.trt_profile import decoder_profile, shape_strings, text_encoder_profile
@@ -49,10 +49,9 @@ class EngineJob:
 
 
 def pinned_layers(onnx_path: Path) -> list[str]:
-    import onnx
+    from .onnx_nodes import read_nodes  # onnx where installed; the edge install reads the names without it
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return [n.name for n in model.graph.node if n.name and (_PIN.search(n.name) or n.op_type == "LayerNormalization")]
+    return [name for name, op in read_nodes(onnx_path) if name and (_PIN.search(name) or op == "LayerNormalization")]
 
 
 def decoder_shapes(manifest: dict) -> dict[str, str]:
@@ -211,13 +210,20 @@ def build_with_api(job: EngineJob, target: Target, precision: str, workspace_mib
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="prune-build", description="Build TensorRT engines for a vlmprune bundle.")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--precision", default="fp16", choices=PRECISIONS)
+    p = argparse.ArgumentParser(
+        prog="prune-build", formatter_class=HelpFormatter,
+        description="Build TensorRT engines for a vlmprune bundle: one per bucket, the text encoder, optionally the "
+                    "decoder; the pruning subgraph and every LayerNorm stay fp32. --dry-run prints the trtexec command "
+                    "lines and needs neither TensorRT nor onnx.")
+    p.add_argument("bundle", type=Path, help="bundle folder written by prune-export")
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS,
+                   help="engine precision; int8 needs prune-calibrate first (Q/DQ graphs, or caches for TensorRT 8.x), "
+                        "best lets TensorRT choose per layer (weakly typed targets only)")
     p.add_argument("--target", default="trt10", help=f"one of {', '.join(TARGETS)}, a comma list, or 'all' (dry run)")
     p.add_argument("--workspace", type=int, default=2048, help="builder workspace in MiB (Orin Nano: keep <= 2048)")
     p.add_argument("--timing-cache", type=Path, help="timing cache file, reused across builds")
-    p.add_argument("--via", default="trtexec", choices=["trtexec", "api"])
+    p.add_argument("--via", default="trtexec", choices=["trtexec", "api"],
+                   help="build with the trtexec binary, or with the TensorRT Python API (needs the trt extra)")
     p.add_argument("--decoder", action="store_true", help="also build the decoder (optimisation profile from the manifest)")
     p.add_argument("--trtexec", default="trtexec", help="trtexec executable")
     p.add_argument("--dry-run", action="store_true", help="print the trtexec command lines and build nothing")
@@ -247,7 +253,7 @@ def main(argv=None):
             print(f"# {target.name}: skipped, {exc}")
             continue
         jobs = plan_jobs(bundle, manifest, target, args.precision, args.decoder)
-        _check_inputs(jobs, args.precision, target, dry_run=args.dry_run)
+        _check_inputs(jobs, args.precision, target, dry_run=args.dry_run, bundle=bundle)
         if args.dry_run:
             try:
                 lines = [shlex.join(trtexec_command(job, target, args.precision, args.workspace, args.timing_cache,
@@ -271,16 +277,22 @@ def _check_lint(manifest: dict, target: Target) -> None:
                                 f"re-export with `prune-export --target {target.name}`")
 
 
-def _check_inputs(jobs: list[EngineJob], precision: str, target: Target, dry_run: bool) -> None:
-    if precision != "int8" or dry_run:
+def _check_inputs(jobs: list[EngineJob], precision: str, target: Target, dry_run: bool, bundle: Path) -> None:
+    """INT8 needs prune-calibrate's outputs: an error for a build, a warning for a dry run (whose commands name
+    files that do not exist yet)."""
+    if precision != "int8":
         return
-    for job in jobs:
-        if job.name in ("decoder", "text_encoder"):
-            continue
-        missing = job.calib_cache if job.calib_cache is not None else job.onnx
-        if not missing.exists():
-            raise VlmpruneError(f"INT8 for {target.name} needs {missing.relative_to(missing.parents[1])}",
-                                "run `prune-calibrate BUNDLE --images DIR` first")
+    missing = [p for p in (job.calib_cache if job.calib_cache is not None else job.onnx
+                           for job in jobs if job.name not in ("decoder", "text_encoder")) if not p.exists()]
+    if not missing:
+        return
+    names = ", ".join(p.relative_to(bundle).as_posix() for p in missing)
+    if dry_run:
+        verb = "does" if len(missing) == 1 else "do"
+        print(f"prune-build: warning: {target.name} int8: {names} {verb} not exist yet; run `prune-calibrate "
+              f"{bundle} --images DIR` before running these commands", file=sys.stderr)
+        return
+    raise VlmpruneError(f"INT8 for {target.name} needs {names}", "run `prune-calibrate BUNDLE --images DIR` first")
 
 
 def _build(opened: Bundle, jobs: list[EngineJob], target: Target, args) -> None:

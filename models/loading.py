@@ -32,19 +32,37 @@ def resolve_path(name_or_path: str, what: str = "model") -> Path:
         return path
     if path.exists():
         raise VlmpruneError(f"{what} path {path} is a file, not a folder", "point at the model's folder")
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(name_or_path, local_files_only=True))
-        except Exception:
-            pass
     presets = ", ".join(PRESETS)
+    if not _looks_like_hub_id(name_or_path):  # a mistyped local path gets no download advice
+        raise VlmpruneError(f"{what} folder {path} does not exist (nor is {name_or_path!r} a built-in preset: {presets})",
+                            "check the path")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:
+        pass
     raise VlmpruneError(
         f"{what} {name_or_path!r} not found: not a built-in preset ({presets}), not a local folder, "
         f"and not in the Hugging Face cache at {_hf_cache_dir()}",
-        f"download it with `huggingface-cli download {name_or_path}` where there is network, or pass a local folder",
+        f"download it where there is network with `hf download {name_or_path}` (huggingface_hub's CLI), "
+        "or pass a local folder",
     )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` as the hub spells ids, and not a path into an existing local folder (``exports/x``)."""
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or Path(name.split("/")[0]).is_dir():
+        return False
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(name)
+    except ImportError:  # pragma: no cover - huggingface_hub comes with the export extra
+        return True
+    except Exception:
+        return False
+    return True
 
 
 def _read_config(path: Path) -> dict:

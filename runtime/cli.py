@@ -7,29 +7,36 @@ import json
 import sys
 from pathlib import Path
 
-from vlmprune.cli_common import main_wrapper, quiet_libraries
+from vlmprune.cli_common import HelpFormatter, main_wrapper, quiet_libraries
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prune-run", description="Answer a prompt about an image with a vlmprune bundle.")
+    p = argparse.ArgumentParser(
+        prog="prune-run", formatter_class=HelpFormatter,
+        description="Answer a prompt about an image with a vlmprune bundle, then print a timing line: preprocess, "
+                    "text encoder, vision+prune, prefill, TTFT (from the image to the first token, so it also holds "
+                    "tokenising, stitching and sampling), TPOT, and why generation stopped (eos, length, context).")
     p.add_argument("bundle", type=Path, help="bundle folder written by prune-export")
     p.add_argument("--image", required=True, help="image file, or 'sample' for the built-in test picture")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--keep", type=float, help="keep ratio: that bucket, or the smallest bucket keeping at least this")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--keep", type=float,
+                   help="keep ratio: that bucket, or the smallest bucket keeping at least this (said on stderr); "
+                        "default: the bundle's most pruned bucket (smallest keep)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
+    p.add_argument("--seed", type=int, help="seed of the sampler, for reproducible sampling (default: random)")
     p.add_argument("--positions", default="contiguous", choices=["contiguous", "original"],
                    help="position ids of the kept image tokens")
     p.add_argument("--provider", help="ONNX Runtime provider (default: TensorRT, CUDA, CPU, whichever is present)")
-    p.add_argument("--threads", type=int, help="intra-op threads")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ONNX Runtime's, all cores)")
     p.add_argument("--engines", help="run the vision graphs on TensorRT engines from prune-build, e.g. trt10-fp16")
     p.add_argument("--verify", default="quick", choices=["quick", "full"],
                    help="bundle check before loading: quick (sizes, small files hashed, a sample digest of large "
                         "ones; default) or full (sha256 of every byte)")
-    p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--stream", action="store_true",
+                   help="print text as it is generated (with --json: on stderr, the JSON on stdout at the end)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (answer, timings, stages)")
     return p
 
 
@@ -47,6 +54,9 @@ def _image(arg: str):
 def run_main(argv=None):
     quiet_libraries()
     args = _run_parser().parse_args(argv)
+    from .sampling import check_generation_args
+
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any work or line
     from .pipeline import Pipeline
 
     image = _image(args.image)
@@ -55,10 +65,13 @@ def run_main(argv=None):
     bucket, message = pipe.choose_bucket(args.keep)
     if not args.json:
         print(message, file=sys.stderr)
-    on_text = (lambda s: print(s, end="", flush=True)) if args.stream and not args.json else None
+    stream_to = sys.stderr if args.json else sys.stdout  # --json keeps stdout for the one JSON object
+    on_text = (lambda s: print(s, end="", flush=True, file=stream_to)) if args.stream else None
     result = pipe.generate(image, args.prompt, bucket=bucket, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_text=on_text)
     if args.json:
+        if on_text is not None:
+            print(file=sys.stderr)
         out = result.to_dict()
         out["bucket_choice"] = message
         print(json.dumps(out))
@@ -71,12 +84,19 @@ def run_main(argv=None):
 
 
 def _viz_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prune-viz", description="Picture the kept visual tokens of one or more bundles.")
+    p = argparse.ArgumentParser(
+        prog="prune-viz", formatter_class=HelpFormatter,
+        description="Picture the kept visual tokens of one or more bundles: the model's view of the image, each kept "
+                    "token boxed at full brightness, dropped patches dimmed; one row per bundle, one panel per bucket, "
+                    "with the prompt and a legend. pool averages every patch into 2x2 windows and is drawn that way.")
     p.add_argument("bundles", type=Path, nargs="+", help="bundle folder(s); one row each")
-    p.add_argument("--image", required=True, help="image file, or 'sample'")
-    p.add_argument("--prompt", default="Describe the image.", help="prompt (text-guided methods use it)")
-    p.add_argument("--keep", type=float, nargs="*", help="keep ratio(s) to show (default: every pruned bucket)")
-    p.add_argument("-o", "--out", type=Path, required=True, help="output PNG")
+    p.add_argument("--image", required=True, help="image file, or 'sample' for the built-in test picture")
+    p.add_argument("--prompt", default="Describe the image.",
+                   help="prompt; text-guided methods (gridprune) select by it, the others ignore it")
+    p.add_argument("--keep", type=float, nargs="*",
+                   help="keep ratio(s) to show; a ratio with no bucket shows the next larger one and says so "
+                        "(default: every pruned bucket; 1.0 shows the unpruned view)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output picture (.png, .jpg, .webp)")
     return p
 
 
@@ -84,32 +104,61 @@ def _viz_parser() -> argparse.ArgumentParser:
 def viz_main(argv=None):
     quiet_libraries()
     args = _viz_parser().parse_args(argv)
-    from .pipeline import Pipeline
-    from .viz import compose, model_view, overlay
+    from vlmprune.errors import VlmpruneError
+
+    from .anyres_pipeline import AnyresPipeline, open_pipeline
+    from .viz import POOLING, Row, compose, model_view, overlay
 
     _check_picture_path(args.out)
     image = _image(args.image)
-    rows = []
+    rows, pooled = [], False
     for folder in args.bundles:
-        pipe = Pipeline(folder)
-        view = model_view(image, pipe.preprocess)
-        buckets = [pipe.choose_bucket(k)[0] for k in args.keep] if args.keep else [
-            b for b in pipe.manifest["vision"]["buckets"] if b["method"] != "none"]
+        pipe = open_pipeline(folder)
+        if isinstance(pipe, AnyresPipeline):  # LLaVA-NeXT: base view and unpadded raster panels per bucket
+            from .anyres_viz import anyres_panels
+
+            rows.append(Row(f"{Path(folder).resolve().name}  ({folder})", anyres_panels(pipe, image, args.keep,
+                                                                                         args.prompt)))
+            continue
+        if args.keep:
+            chosen = []
+            for k in args.keep:
+                bucket, message = pipe.choose_bucket(k)
+                substituted = abs(bucket["keep"] - k) > 1e-9
+                if substituted:  # never a silent swap: on stderr and on the panel
+                    print(f"prune-viz: {folder}: {message}", file=sys.stderr)
+                chosen.append((bucket, f"asked keep {k}: no such bucket; next larger shown" if substituted else ""))
+        else:
+            chosen = [(b, "") for b in pipe.manifest["vision"]["buckets"] if b["method"] != "none"]
+            if not chosen:
+                raise VlmpruneError(f"{folder} has only the unpruned `none` bucket, so nothing is dropped to draw",
+                                    "pass --keep 1.0 to draw it anyway, or export a pruning method")
         grid = tuple(pipe.manifest["vision"]["view"]["grid"])
+        view = model_view(image, pipe.preprocess)
         pixels = pipe.preprocess(image)
-        row = []
-        for bucket in buckets:
+        panels = []
+        for bucket, note in chosen:
             _, kept, _ = pipe.vision(pixels, bucket, args.prompt)
-            label = f"{bucket['method']} keep {bucket['keep']} ({bucket['k']}/{pipe.num_patches})"
-            row.append(overlay(view, kept[0].tolist(), grid, label))
-        rows.append(row)
+            pool = POOLING.get(bucket["method"], 0)
+            pooled |= bool(pool)
+            text_guided = any(i["name"] == "text_embeds" for i in bucket["inputs"])
+            title = f"{bucket['method']} keep {bucket['keep']}: {bucket['k']}/{pipe.num_patches} tokens"
+            if not note:
+                note = ("every patch averaged into %dx%d windows, none dropped" % (pool, pool) if pool else
+                        "unpruned: every patch kept" if bucket["method"] == "none" else
+                        "text-guided: selected for the prompt" if text_guided else "image-only: the prompt plays no part")
+            panels.append(overlay(view, kept[0].tolist(), grid, title, note, pool=pool))
+        rows.append(Row(f"bundle {folder}", panels))
+    image_name = "the built-in sample picture" if args.image == "sample" else Path(args.image).name
+    title_lines = [f"image: {image_name}, as the model sees it (its crop, resized)",
+                   f"prompt: \"{args.prompt}\""]
     from PIL import Image
 
     from vlmprune.atomic import atomic_output, ensure_folder
 
     ensure_folder(args.out.parent, "-o")
     with atomic_output(args.out) as tmp:  # a full disk or a kill leaves no half-written picture
-        compose(rows).save(tmp, format=Image.registered_extensions()[args.out.suffix.lower()])
+        compose(rows, title_lines, pooled).save(tmp, format=Image.registered_extensions()[args.out.suffix.lower()])
     print(f"wrote {args.out}")
     return 0
 

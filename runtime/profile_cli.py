@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmprune.atomic import DirLock, clean_leftovers, ensure_folder, make_temp_dir, remove_temp, swap_dirs
-from vlmprune.cli_common import main_wrapper
+from vlmprune.cli_common import HelpFormatter, main_wrapper
 from vlmprune.errors import VlmpruneError
 
 from .trtexec_log import parse_file
@@ -30,7 +30,7 @@ PERCENTILES = (90, 95, 99)
 def _stats_ms(times: list[float]) -> dict:
     a = np.asarray(times)
     return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()), "median": float(np.median(a)),
-            **{f"p{p}": float(np.percentile(a, p)) for p in PERCENTILES}}
+            **{f"p{p}": float(np.percentile(a, p)) for p in (10, *PERCENTILES)}}  # p10: the plot's lower whisker
 
 
 def _row(name: str, bucket: dict | None, stats: dict, source: str, **extra) -> dict:
@@ -110,7 +110,7 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> list[Path]:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    cols = ["name", "method", "keep", "k", "min", "median", "mean", "max"] + [f"p{p}" for p in PERCENTILES]
+    cols = ["name", "method", "keep", "k", "min", "p10", "median", "mean", "max"] + [f"p{p}" for p in PERCENTILES]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -126,36 +126,64 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> list[Path]:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return written
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    metric = rows[0].get("metric", "latency")
-    keyed = [r for r in rows if r.get("keep") is not None]
-    if keyed:
-        for i, method in enumerate(dict.fromkeys(r["method"] for r in keyed)):
-            pts = sorted((r["keep"], r["median"]) for r in keyed if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=method)
-        ax.set_xlabel("keep ratio")
-        ax.legend()
-    else:
-        ax.bar([r["name"] for r in rows], [r["median"] for r in rows])
-        ax.tick_params(axis="x", labelsize=7, rotation=30)
-    ax.set_ylabel(f"median {metric} (ms)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig = profile_figure(plt, rows, title)
     fig.savefig(out / "profile.png", dpi=120)
     plt.close(fig)
     return written + [out / "profile.png"]
 
 
+def profile_figure(plt, rows: list[dict], title: str):
+    """Median per bucket with p10-p90 whiskers (min-p90 for trtexec logs, which print no p10), y from zero, one
+    colour per method (``vlmprune.palette``), so run-to-run noise is visible as such."""
+    from vlmprune.palette import method_color
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    metric = rows[0].get("metric", "latency")
+    low = "p10" if all("p10" in r for r in rows) else "min"
+    high = "p90" if all("p90" in r for r in rows) else "max"  # TensorRT 8.x prints p99 only
+
+    def whiskers(rs):
+        return [[r["median"] - r[low] for r in rs], [r[high] - r["median"] for r in rs]]
+
+    keyed = [r for r in rows if r.get("keep") is not None]
+    if keyed:
+        for method in dict.fromkeys(r["method"] for r in keyed):
+            mine = sorted((r for r in keyed if r["method"] == method), key=lambda r: r["keep"])
+            ax.errorbar([r["keep"] for r in mine], [r["median"] for r in mine], yerr=whiskers(mine), marker="o",
+                        capsize=3, color=method_color(method),
+                        label=method + (" (unpruned)" if method == "none" else ""))
+        ax.set_xlabel("keep ratio")
+        ax.legend(fontsize=8)
+    else:
+        ax.bar([r["name"] for r in rows], [r["median"] for r in rows], yerr=whiskers(rows), capsize=3,
+               color=[method_color(r["method"]) if r.get("method") else "#7f7f7f" for r in rows])
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel(f"{metric} (ms)\nmedian, whiskers {low} to {high}")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def _parser():
-    p = argparse.ArgumentParser(prog="prune-profile", description=__doc__.split("\n\n")[0].strip("`"))
+    p = argparse.ArgumentParser(
+        prog="prune-profile", formatter_class=HelpFormatter,
+        description="Latency of each bucket's engine or graph against its keep ratio: --backend trt runs trtexec on "
+                    "the bundle's engines, --backend ort times the ONNX Runtime graphs here, --from-log parses saved "
+                    "trtexec logs. Writes profile.md, .json, .csv and profile.png (median with p10-p90 whiskers).")
     p.add_argument("bundle", type=Path, nargs="?", help="bundle folder (optional with --from-log)")
-    p.add_argument("--backend", choices=["trt", "ort"], default="trt")
-    p.add_argument("--from-log", type=Path, nargs="+", help="parse saved trtexec logs instead of running")
-    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--backend", choices=["trt", "ort"], default="trt",
+                   help="trt: trtexec on the engines from prune-build (GPU compute time); ort: ONNX Runtime on this "
+                        "machine (wall time per run)")
+    p.add_argument("--from-log", type=Path, nargs="+", metavar="LOG",
+                   help="parse saved trtexec logs instead of running; a log named after a bucket (fopru-k144.log, "
+                        "or fopru-k144.profile.log) is matched to that bucket's method and keep ratio when BUNDLE is "
+                        "given, others are plotted by file name")
+    p.add_argument("--iterations", type=int, default=100, help="timed runs per bucket")
     p.add_argument("--warmup", type=int, default=10, help="warm-up runs (ort) or milliseconds (trtexec --warmUp)")
     p.add_argument("--engines", help="which engines of the manifest, e.g. trt10-fp16 (default: the last built)")
-    p.add_argument("--trtexec", default="trtexec")
+    p.add_argument("--trtexec", default="trtexec", help="trtexec executable")
     p.add_argument("--out", type=Path, help="output folder (default: BUNDLE/profile or ./profile)")
     return p
 

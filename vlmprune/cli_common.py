@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import functools
 import os
@@ -35,6 +36,35 @@ _ENVIRONMENT = {
     errno.ENAMETOOLONG: "use a shorter path",
     errno.EIO: "the disk reported an input/output error; check it",
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, without "(default: None)" / "(default: False)" noise on unset options and
+    flags, and without repeating a default that the help text already states."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.nargs == 0 or action.default in (None, [], argparse.SUPPRESS):  # flags
+            return text
+        return super()._get_help_string(action)
+
+
+def require_extra(prog: str, extra: str, *modules: str) -> None:
+    """One line naming the pip extra when a command needs what the base (edge) install leaves out, instead of an
+    ImportError traceback from deep inside the command."""
+    import importlib
+
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise VlmpruneError(
+            f"{prog} needs {', '.join(missing)}, which the base (edge) install leaves out",
+            f'install the {extra} extra: pip install "vlmprune[{extra}]" (in a checkout: pip install -e ".[{extra}]")',
+        )
 
 
 def main_wrapper(prog: str):

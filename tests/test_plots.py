@@ -1,0 +1,113 @@
+"""The benchmark and profile pictures, read back from their matplotlib figures: stage bars that add up to the measured
+TTFT (never taller without saying so), x labels that do not overlap, profile axes from zero with whiskers, and one
+colour per method everywhere."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
+
+from vlmprune.export.bench_plots import plots, stage_segments, stages_figure, ttft_figure  # noqa: E402
+from vlmprune.palette import method_color  # noqa: E402
+from vlmprune.runtime.profile_cli import profile_figure, write_outputs  # noqa: E402
+
+
+def _rows():
+    rows = []
+    for method in ("fopru", "gprune", "gridprune"):
+        for keep, k in ((1.0, 576), (0.5, 288), (0.25, 144), (0.111, 64)):
+            stages = dict(preprocess_ms=3.0, text_encoder_ms=2.0 if method == "gridprune" else 0.0,
+                          vision_in_run_ms=13.0, vision_prune_ms=12.0, prefill_ms=200 * keep + 15)
+            # most runs leave a few ms outside the stages; one bar's stage medians sum past its TTFT median
+            ttft = sum(stages.values()) - stages["vision_prune_ms"] + (-2.0 if (method, keep) == ("fopru", 0.5) else 4.0)
+            rows.append({"method": method, "keep": keep, "k": k, "ttft_ms": ttft, "transformers_ttft_ms": 1.4 * ttft,
+                         **stages})
+    return rows
+
+
+def test_stage_segments_add_up_to_the_measured_ttft():
+    rows = _rows()
+    for r in rows:
+        segs, ttft, over = stage_segments(r)
+        total = sum(v for _, v in segs)
+        assert [n for n, _ in segs] == ["preprocess", "text encoder", "vision+prune", "prefill", "other"]
+        assert dict(segs)["vision+prune"] == r["vision_in_run_ms"]  # the stage timed inside the TTFT runs
+        if over:
+            assert dict(segs)["other"] == 0 and total == pytest.approx(ttft + over)
+        else:
+            assert total == pytest.approx(ttft) and dict(segs)["other"] == pytest.approx(4.0)
+    old = {k: v for k, v in rows[0].items() if k != "vision_in_run_ms"}  # results.json from before the field
+    assert dict(stage_segments(old)[0])["vision+prune"] == old["vision_prune_ms"]
+
+
+def test_stage_bars_end_at_the_ttft_marker_and_labels_do_not_overlap():
+    rows = _rows()
+    fig = stages_figure(plt, rows)
+    ax = fig.axes[0]
+    tops: dict[float, float] = {}
+    for patch in ax.patches:
+        x = round(patch.get_x() + patch.get_width() / 2, 6)
+        tops[x] = max(tops.get(x, 0.0), patch.get_y() + patch.get_height())
+    marker = ax.collections[0].get_offsets()
+    assert len(marker) == len(rows) == len(tops)
+    for (x, ttft), top in zip(np.asarray(marker), (tops[round(float(x), 6)] for x in np.asarray(marker)[:, 0])):
+        over = top - ttft
+        assert over == pytest.approx(0, abs=1e-9) or 0 < over <= 2.0 + 1e-9  # only the flagged bar, by its 2 ms
+    caption = " ".join(t.get_text() for t in ax.texts)
+    assert "other = TTFT - sum of the stages" in caption and "1 bar(s)" in caption
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), "x labels overlap"
+    plt.close(fig)
+
+
+def test_bench_plots_use_the_palette(tmp_path):
+    fig = ttft_figure(plt, {"model": "m"}, _rows())
+    lines = {line.get_label(): to_hex(line.get_color()) for line in fig.axes[0].lines}
+    assert fig.axes[0].get_ylim()[0] == 0
+    for method in ("fopru", "gprune", "gridprune"):
+        assert lines[f"{method} (runtime)"] == lines[f"{method} (transformers eager)"] == method_color(method)
+    plt.close(fig)
+    written = plots({"model": "m", "rows": _rows()}, tmp_path)
+    assert [p.name for p in written] == ["ttft_vs_keep.png", "stages.png"] and all(p.stat().st_size for p in written)
+
+
+def _profile_rows(with_p10=True):
+    rows = []
+    for method, keep, k, med in (("none", 1.0, 576, 13.0), ("fopru", 0.25, 144, 9.0), ("fopru", 0.5, 288, 10.0),
+                                 ("gridprune", 0.25, 144, 9.5)):
+        r = {"name": f"{method}-k{k}", "method": method, "keep": keep, "k": k, "min": med - 3, "median": med,
+             "mean": med, "max": med + 8, "p90": med + 2, "p95": med + 3, "p99": med + 6, "metric": "CPU latency"}
+        if with_p10:
+            r["p10"] = med - 1
+        rows.append(r)
+    return rows
+
+
+@pytest.mark.parametrize("with_p10", [True, False])
+def test_profile_axis_from_zero_with_whiskers_and_method_colours(with_p10):
+    rows = _profile_rows(with_p10)
+    fig = profile_figure(plt, rows, "t")
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] == 0
+    low = "p10" if with_p10 else "min"
+    assert f"whiskers {low} to p90" in ax.get_ylabel()
+    by_label = {c.get_label(): c for c in ax.containers}
+    for method in ("fopru", "gridprune"):
+        line, _, (bars,) = by_label[method]
+        assert to_hex(line.get_color()) == method_color(method)
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["keep"])
+        segs = bars.get_segments()
+        assert [tuple(s[:, 1]) for s in segs] == [(r[low], r["p90"]) for r in mine]
+    plt.close(fig)
+
+
+def test_profile_writes_its_picture(tmp_path):
+    written = write_outputs(_profile_rows(), tmp_path, "t")
+    assert (tmp_path / "profile.png") in written and (tmp_path / "profile.png").stat().st_size > 0
