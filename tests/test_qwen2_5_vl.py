@@ -107,3 +107,107 @@ def test_runtime_preprocessing_modes(qwen):
     assert pre(make_sample_image(1000, 300)).shape == (1024, 3 * 2 * 14 * 14)
     with pytest.raises(VlmpruneError, match="not a multiple of 28"):
         QwenPreprocessor({**qwen.preprocessing.to_dict(), "crop_size": [448, 450]})
+
+
+# --- the vision graphs -----------------------------------------------------------------------------------------
+
+
+def _library_fopru_scores(qwen, pv):
+    """FoPru's merged-token scores from transformers' own forward: the hidden state and rotary tables entering the
+    last full-attention block (window order) captured by a hook, q/k from the library's attention pieces, and the
+    window permutation undone with the library's window index."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
+
+    from vlmprune.prune.fopru import scores_from_attention
+
+    visual = qwen.model.model.visual
+    last = max(visual.config.fullatt_block_indexes)
+    seen = {}
+    hook = visual.blocks[last].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update(x=args[0], pe=kwargs["position_embeddings"]), with_kwargs=True)
+    try:
+        feats = qwen.reference_image_features(pv)
+    finally:
+        hook.remove()
+    blk = visual.blocks[last]
+    x = seen["x"]
+    n = x.shape[0]
+    q, k, _ = blk.attn.qkv(blk.norm1(x)).reshape(n, 3, blk.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *seen["pe"])
+    probs = torch.softmax((q.transpose(0, 1) @ k.transpose(0, 1).transpose(-1, -2)) * blk.attn.scaling, -1)
+    sig = scores_from_attention(probs.mean(0, keepdim=True), has_cls=False)[0]  # window order
+    window_index, _ = get_vision_window_index(torch.tensor([qwen.grid_thw]), 2, visual.config.window_size, 14)
+    order = (window_index[:, None] * 4 + torch.arange(4)).reshape(-1)
+    per_patch = torch.empty_like(sig)
+    per_patch[order] = sig
+    return per_patch.reshape(-1, 4).mean(-1), feats
+
+
+@pytest.mark.parametrize("size", [(448, 448), (476, 364)])
+def test_methods_follow_the_spec_on_the_library_forward(qwen, size):
+    import torch.nn.functional as F
+
+    from vlmprune.export.qwen_graphs import QwenVisionGraph
+    from vlmprune.prune.gprune import gprune_select
+    from vlmprune.prune.select import topk_ascending
+    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor
+
+    qwen.set_image_size(size)
+    pv = torch.from_numpy(QwenPreprocessor(qwen.preprocessing.to_dict())(make_sample_image(640, 480)))
+    scores, feats = _library_fopru_scores(qwen, pv)
+    h, w = qwen.vision.views[0].grid
+    n = h * w
+    k = n // 4
+    embeds, idx = QwenVisionGraph(qwen, "fopru", k)(pv)
+    assert idx.tolist() == topk_ascending(scores[None], k).tolist()
+    torch.testing.assert_close(embeds[0], feats[idx[0]], rtol=1e-5, atol=1e-5)
+    _, idx = QwenVisionGraph(qwen, "gprune", k)(pv)
+    assert idx.tolist() == gprune_select(feats[None], k).tolist()
+    embeds, idx = QwenVisionGraph(qwen, "none", n)(pv)
+    assert idx[0].tolist() == list(range(n))
+    torch.testing.assert_close(embeds[0], feats, rtol=1e-5, atol=1e-5)
+    if h % 2 == 0 and w % 2 == 0:
+        embeds, _ = QwenVisionGraph(qwen, "pool", k)(pv)
+        pooled = F.avg_pool2d(feats.reshape(h, w, -1).permute(2, 0, 1)[None], 2).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(embeds, pooled, rtol=1e-5, atol=1e-5)
+    embeds, idx = QwenVisionGraph(qwen, "fopru", 2 * w, {"strategy": "row"})(pv)
+    rows = scores.reshape(h, w).sum(-1)
+    assert sorted(set((idx[0] // w).tolist())) == sorted(torch.topk(rows, 2).indices.tolist())
+
+
+def test_vision_graphs_export_lint_clean_and_match_pytorch(qwen, tmp_path):
+    """Every method at 448x448 (equal windows) and two at a ragged size: fp32 ONNX Runtime indices identical to
+    the PyTorch module's, embeddings within tolerance, clean for every TensorRT target; one fp16 graph."""
+    import types
+
+    from vlmprune.export.progress import Steps
+    from vlmprune.export.qwen_export import export_qwen_vision, plan_qwen
+    from vlmprune.export.targets import get_target
+    from vlmprune.prune import get_method
+
+    def export(method, sizes, precision="fp32", options=None, with_none=False):
+        spec = get_method(method)
+        buckets = plan_qwen(spec, spec.parse_options(options or {}), qwen, keeps=(0.25,), image_sizes=sizes)
+        buckets = [b for b in buckets if with_none or b.method != "none"]
+        out = tmp_path / f"{method}-{precision}-{len(list(tmp_path.iterdir()))}"
+        (out / ".scratch").mkdir(parents=True)
+        checks = []
+        req = types.SimpleNamespace(precision=precision, validate=True)
+        records, lint = export_qwen_vision(req, qwen, buckets, get_target("trt10"), False, None, out,
+                                           out / ".scratch", Steps(), checks)
+        for file, per_target in lint.items():
+            assert per_target["trt10"]["ok"] and per_target["trt11"]["ok"], file
+        assert checks and all(c.passed for c in checks), [c for c in checks if not c.passed]
+        return records, checks
+
+    records, checks = export("fopru", [(448, 448), (476, 364)], with_none=True)
+    assert [r["name"] for r in records] == ["none-448x448-k256", "fopru-448x448-k64", "none-476x364-k221",
+                                            "fopru-476x364-k55"]
+    assert all(c.indices_equal for c in checks if c.output == "kept_indices")
+    for method, options in (("gprune", {}), ("l2norm", {}), ("pool", {}), ("fopru", {"strategy": "row"})):
+        _, checks = export(method, [(448, 448)], options=options)
+        assert all(c.indices_equal for c in checks if c.output == "kept_indices")
+    _, checks = export("fopru", [(448, 448)], precision="fp16")
+    overlaps = [c.index_overlap for c in checks if c.output == "kept_indices"]
+    assert min(overlaps) >= 0.9

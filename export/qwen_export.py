@@ -1,0 +1,144 @@
+"""Qwen2.5-VL vision graphs: one static graph per image size and budget bucket (``export/qwen_graphs.py``), written
+the exporter's way (weights streamed into one shared ``vision.weights``, linted for every TensorRT target, each graph
+validated in ONNX Runtime against its PyTorch module as soon as it is written)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlmprune.errors import VlmpruneError
+
+from .buckets import Bucket, plan_buckets
+from .lint import lint_all_targets
+from .onnx_io import WeightsFile, save_graph
+from .progress import Steps
+from .validate import TOLERANCE, _compare, _indices, _session
+
+
+@dataclass(frozen=True)
+class QwenBucket(Bucket):
+    """A bucket at one static image size (h, w); names carry the size so several sizes share one bundle."""
+
+    image_size: tuple[int, int] = (448, 448)
+
+    @property
+    def size_tag(self) -> str:
+        return f"{self.image_size[0]}x{self.image_size[1]}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.size_tag}-k{self.k}"
+
+    @property
+    def file(self) -> str:
+        return f"vision_{self.method}_{self.size_tag}_k{self.k}.onnx"
+
+
+def plan_qwen(spec, options: dict, adapter, keeps=(), tokens=(), image_sizes=None) -> list[QwenBucket]:
+    """Buckets for every image size (default: the adapter's, 448x448), the ``none`` reference first per size."""
+    sizes = list(image_sizes or [adapter.image_size])
+    out = []
+    for size in sizes:
+        adapter.set_image_size(size)
+        view = adapter.vision.views[0]
+        for b in plan_buckets(spec, options, view.num_patches, view.grid, keeps, tokens):
+            out.append(QwenBucket(b.method, b.keep, b.k, b.options, tuple(size)))
+    return out
+
+
+@contextlib.contextmanager
+def fp16_visual(adapter):
+    """The encoder and merger in fp16 with fp32 RMSNorms (as the family's fp32 scopes pin them in TensorRT); the
+    exact fp32 weights are restored afterwards."""
+    visual = adapter.visual
+    saved = {k: v.detach().clone() for k, v in visual.state_dict().items()}
+    hooks = []
+    try:
+        visual.half()
+        for module in visual.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.float()
+                hooks.append(module.register_forward_pre_hook(lambda mod, args: (args[0].float(),)))
+                hooks.append(module.register_forward_hook(lambda mod, args, out: out.half()))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        visual.float()
+        visual.load_state_dict(saved)
+
+
+def validation_cases(adapter, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The tool's sample image through the runtime's own preprocessing at the bucket size, and random input."""
+    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor
+    from vlmprune.sample import make_sample_image
+
+    pixels = torch.from_numpy(QwenPreprocessor(adapter.preprocessing.to_dict())(make_sample_image()))
+    g = torch.Generator().manual_seed(seed)
+    return {"sample image": pixels, "random input": torch.randn(pixels.shape, generator=g)}
+
+
+def validate_qwen_graph(path: Path, module: nn.Module, adapter, precision: str) -> list:
+    tol = TOLERANCE[precision]
+    sess = _session(path)
+    checks = []
+    for case, pixels in validation_cases(adapter).items():
+        with torch.no_grad():
+            ref_embeds, ref_idx = module(pixels)
+        got_embeds, got_idx = sess.run(["image_embeds", "kept_indices"], {"pixel_values": pixels.numpy()})
+        idx = _indices(path.name, case, ref_idx.numpy(), got_idx, tol)
+        checks.append(idx)
+        if idx.indices_equal:
+            checks.append(_compare(path.name, case, "image_embeds", ref_embeds.numpy(), got_embeds, tol))
+        else:  # compare the tokens both kept
+            common = sorted(set(ref_idx[0].tolist()) & set(got_idx[0].tolist()))
+            r = ref_embeds[0].numpy()[[ref_idx[0].tolist().index(i) for i in common]]
+            o = got_embeds[0][[got_idx[0].tolist().index(i) for i in common]]
+            checks.append(_compare(path.name, case, "image_embeds (common tokens)", r, o, tol))
+    return checks
+
+
+def export_qwen_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp: Path, scratch: Path,
+                       steps: Steps, checks: list) -> tuple[list[dict], dict]:
+    """``export_vision`` for Qwen2.5-VL (same signature and records, plus each bucket's image size)."""
+    from .exporter import _check_lint, _clear, _export_streamed, _io
+    from .qwen_graphs import QwenVisionGraph
+
+    if needs_text:
+        raise VlmpruneError("text-guided methods (GridPrune) are not exported for Qwen2.5-VL yet",
+                            "use fopru, gprune, l2norm or pool")
+    records, lint = [], {}
+    with WeightsFile(tmp / "vision.weights") as weights:
+        for bucket in buckets:
+            adapter.set_image_size(bucket.image_size)
+            n = bucket.image_size[0] * bucket.image_size[1] // adapter.vision.patch_size**2
+            vcfg = adapter.model.config.vision_config
+            pixels = torch.zeros(n, 3 * vcfg.temporal_patch_size * vcfg.patch_size**2)
+            with steps.step(f"export vision graph {bucket.name}"):
+                module = QwenVisionGraph(adapter, bucket.method, bucket.k, dict(bucket.options)).eval()
+                if module.k != bucket.k:
+                    raise AssertionError(f"{bucket.name}: module returns K={module.k}")
+                with fp16_visual(adapter) if req.precision == "fp16" else contextlib.nullcontext():
+                    model = _export_streamed(module, (pixels,), scratch / bucket.file, weights,
+                                             input_names=["pixel_values"],
+                                             output_names=["image_embeds", "kept_indices"], opset=target.opset)
+                lint[bucket.file] = lint_all_targets(model)
+                _check_lint(bucket.file, lint[bucket.file], target)
+                save_graph(model, tmp / bucket.file)
+                inputs, outputs = _io(model)
+                del model
+                _clear(scratch)
+                weights.flush()
+            records.append({"name": bucket.name, "method": bucket.method, "keep": bucket.keep, "k": bucket.k,
+                            "options": dict(bucket.options), "file": bucket.file, "inputs": inputs,
+                            "outputs": outputs, "image_size": list(bucket.image_size),
+                            "grid": list(adapter.vision.views[0].grid)})
+            if req.validate:
+                with steps.step(f"validate {bucket.file}"):
+                    checks += validate_qwen_graph(tmp / bucket.file, module, adapter, req.precision)
+    return records, lint
