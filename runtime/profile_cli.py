@@ -124,7 +124,7 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+        print('matplotlib is not installed: no profile.png (pip install "vlmprune[plot]")', file=sys.stderr)
         return written
     fig = profile_figure(plt, rows, title)
     fig.savefig(out / "profile.png", dpi=120)
