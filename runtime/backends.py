@@ -51,7 +51,8 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, path: Path, provider: str | None = None, threads: int | None = None,
-                 providers: list[str] | None = None, provider_options: list[dict] | None = None):
+                 decoder_loop: bool = False, providers: list[str] | None = None,
+                 provider_options: list[dict] | None = None):
         """``providers``/``provider_options``: this graph's own provider list (``stages.StagePlanner`` chooses per
         stage); default ``choose_providers(provider)``."""
         import onnxruntime as ort
@@ -61,7 +62,18 @@ class OrtBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Several sessions (vision, text, decoder) share the cores: threads that spin after a run would steal them
         # from the next session (measured: the vision graph ran at half speed next to an idle decoder session).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # ``decoder_loop``: a generation step is ~80 small kernels, and waking parked threads for each costs a large
+        # share of the step, so the decoder's threads spin between the kernels of a run (ONNX Runtime's default), but
+        # stop when the run returns (force_spinning_stop), so nothing spins between runs or steals the cores from the
+        # next session. VLMPRUNE_SPIN=0 turns it off (on a machine shared with other busy processes, spinning
+        # threads compete with them). Every step has a new cache length, so no memory pattern is cached per shape
+        # (ONNX Runtime would plan and keep one per length).
+        spin = decoder_loop and os.environ.get("VLMPRUNE_SPIN", "1") != "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        if spin:
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
+        if decoder_loop:
+            opts.enable_mem_pattern = False
         threads = threads or int(os.environ.get("VLMPRUNE_THREADS", "0"))
         if threads:
             opts.intra_op_num_threads = threads
@@ -85,7 +97,12 @@ class OrtBackend(Backend):
 
 class OrtDecoder:
     """The KV-cache decoder on ONNX Runtime with I/O binding: each step's ``present`` OrtValues are bound as the next
-    step's ``past_key_values`` without a round trip through numpy."""
+    step's ``past_key_values`` without a round trip through numpy.
+
+    Per generated token the inputs are views of preallocated buffers and the logits land in a preallocated
+    ``[1, 1, V]`` array; the presents cannot: this standard-op graph concatenates the cache, so ONNX Runtime
+    allocates each step's present tensors one token longer (the fused decoder, ``fused_decoder.py``, writes one
+    preallocated buffer in place instead)."""
 
     def __init__(self, backend: OrtBackend, spec: dict):
         self.backend = backend
@@ -97,6 +114,17 @@ class OrtDecoder:
         self.present_names = [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
         # presents stay where the session computes: CUDA memory under the CUDA or the TensorRT provider
         self.device = "cuda" if backend.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        import onnxruntime as ort
+
+        types = backend.inputs
+        self.mask = np.ones((1, spec["max_context"]), types["attention_mask"])
+        self.step_embeds = np.zeros((1, 1, spec["hidden_size"]), types["inputs_embeds"])
+        self.step_position = np.zeros((1, 1), types["position_ids"])
+        logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
+        logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
+        self.logits = np.zeros((1, 1, spec["vocab_size"]), logits_dtype)
+        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)  # wraps self.logits, no copy
+        self.binding = self.session.io_binding()
         self.reset()
 
     def reset(self) -> None:
@@ -107,20 +135,34 @@ class OrtDecoder:
         self.length = 0
 
     def step(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Run S new tokens; returns the logits of the last one [V] and keeps the cache."""
+        """Run S new tokens; returns the logits of the last one [V] (for one token: a view that the next step
+        overwrites) and keeps the cache."""
         seq = embeds.shape[1]
-        mask = np.ones((1, self.length + seq), self.backend.inputs["attention_mask"])
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, self.backend.inputs["inputs_embeds"]))
-        binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, self.backend.inputs["position_ids"]))
+        if self.length + seq > self.mask.shape[1]:
+            raise VlmpruneError(f"the sequence would reach {self.length + seq} tokens, beyond the model's context of "
+                                f"{self.mask.shape[1]}", "generate fewer tokens or shorten the prompt")
+        binding = self.binding
+        if seq == 1:
+            np.copyto(self.step_embeds, embeds, casting="same_kind")
+            np.copyto(self.step_position, positions.reshape(1, 1), casting="same_kind")
+            x, pos = self.step_embeds, self.step_position
+        else:
+            x = self._prefill = np.ascontiguousarray(embeds, self.step_embeds.dtype)
+            pos = self._positions = np.ascontiguousarray(positions, self.step_position.dtype)
+        binding.bind_input("inputs_embeds", "cpu", 0, x.dtype.type, list(x.shape), x.ctypes.data)
+        binding.bind_input("position_ids", "cpu", 0, pos.dtype.type, list(pos.shape), pos.ctypes.data)
+        binding.bind_input("attention_mask", "cpu", 0, self.mask.dtype.type, [1, self.length + seq],
+                           self.mask.ctypes.data)
         for name, value in zip(self.past_names, self.past):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        if seq == 1:
+            binding.bind_ortvalue_output("logits", self._logits_value)
+        else:  # a prefill's logits are [1, S, V]: allocated once per request
+            binding.bind_output("logits", "cpu")
         for name in self.present_names:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         self.past = outputs[1:]
         self.length += seq
-        return outputs[0].numpy()[0, -1]
+        return self.logits[0, -1] if seq == 1 else outputs[0].numpy()[0, -1]
