@@ -177,8 +177,9 @@ def test_methods_follow_the_spec_on_the_library_forward(qwen, size):
 
 
 def test_vision_graphs_export_lint_clean_and_match_pytorch(qwen, tmp_path):
-    """Every method at 448x448 (equal windows) and two at a ragged size: fp32 ONNX Runtime indices identical to
-    the PyTorch module's, embeddings within tolerance, clean for every TensorRT target; one fp16 graph."""
+    """FoPru at a ragged size (the block-mask windows; 448x448's equal windows are exported by the ``qwen_folder``
+    fixture), G-Prune and pool at 448x448: fp32 ONNX Runtime indices identical to the PyTorch module's, embeddings
+    within tolerance, clean for every TensorRT target; and one fp16 graph (index overlap >= 0.9)."""
     import types
 
     from vlmprune.export.progress import Steps
@@ -186,11 +187,11 @@ def test_vision_graphs_export_lint_clean_and_match_pytorch(qwen, tmp_path):
     from vlmprune.export.targets import get_target
     from vlmprune.prune import get_method
 
-    def export(method, sizes, precision="fp32", options=None, with_none=False):
+    def export(method, size, precision="fp32"):
         spec = get_method(method)
-        buckets = plan_qwen(spec, spec.parse_options(options or {}), qwen, keeps=(0.25,), image_sizes=sizes)
-        buckets = [b for b in buckets if with_none or b.method != "none"]
-        out = tmp_path / f"{method}-{precision}-{len(list(tmp_path.iterdir()))}"
+        buckets = [b for b in plan_qwen(spec, spec.defaults(), qwen, keeps=(0.25,), image_sizes=[size])
+                   if b.method != "none"]
+        out = tmp_path / f"{method}-{precision}"
         (out / ".scratch").mkdir(parents=True)
         checks = []
         req = types.SimpleNamespace(precision=precision, validate=True)
@@ -201,13 +202,145 @@ def test_vision_graphs_export_lint_clean_and_match_pytorch(qwen, tmp_path):
         assert checks and all(c.passed for c in checks), [c for c in checks if not c.passed]
         return records, checks
 
-    records, checks = export("fopru", [(448, 448), (476, 364)], with_none=True)
-    assert [r["name"] for r in records] == ["none-448x448-k256", "fopru-448x448-k64", "none-476x364-k221",
-                                            "fopru-476x364-k55"]
-    assert all(c.indices_equal for c in checks if c.output == "kept_indices")
-    for method, options in (("gprune", {}), ("l2norm", {}), ("pool", {}), ("fopru", {"strategy": "row"})):
-        _, checks = export(method, [(448, 448)], options=options)
+    records, checks = export("fopru", (476, 364))
+    assert [r["name"] for r in records] == ["fopru-476x364-k55"] and records[0]["grid"] == [17, 13]
+    for method in ("fopru", "gprune", "pool"):
+        if method != "fopru":
+            _, checks = export(method, (448, 448))
         assert all(c.indices_equal for c in checks if c.output == "kept_indices")
-    _, checks = export("fopru", [(448, 448)], precision="fp16")
-    overlaps = [c.index_overlap for c in checks if c.output == "kept_indices"]
-    assert min(overlaps) >= 0.9
+    _, checks = export("fopru", (448, 448), precision="fp16")
+    assert min(c.index_overlap for c in checks if c.output == "kept_indices") >= 0.9
+
+
+# --- decoder, positions and generation ---------------------------------------------------------------------------
+
+PROMPT = "What color is the car next to the house?"
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(qwen, tmp_path_factory):
+    from vlmprune.export.qwen_export import export_qwen_folder
+
+    qwen.set_image_size((448, 448))
+    out = tmp_path_factory.mktemp("qwen") / "bundle"
+    spec = export_qwen_folder(PRESET, out, "fopru", keeps=[0.25])
+    assert all(c["passed"] for c in spec["validation"])
+    return out
+
+
+def _library_inputs(qwen, image):
+    """transformers' own processor inputs for the chat prompt with one image (its size is the bucket's, so the
+    processor keeps it)."""
+    text = qwen.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+        add_generation_prompt=True, tokenize=False)
+    return qwen.processor(text=[text], images=[image], return_tensors="pt")
+
+
+def _rope_index(qwen, inputs):
+    pos, _ = qwen.model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                             image_grid_thw=inputs["image_grid_thw"])
+    return pos  # [3, 1, S]
+
+
+def test_prompt_positions_follow_get_rope_index(qwen, qwen_folder):
+    from vlmprune.runtime.qwen_pipeline import QwenPipeline
+    from vlmprune.runtime.qwen_positions import prompt_positions
+
+    pipe = QwenPipeline(qwen_folder)
+    inputs = _library_inputs(qwen, make_sample_image(448, 448))
+    ref = _rope_index(qwen, inputs)[:, 0].numpy()
+    ids = pipe.prompt.encode(PROMPT)
+    image_id = qwen.text.image_token_id
+    full = inputs["input_ids"][0].tolist()
+    assert [t for t in full if t != image_id] == [t for t in ids if t != image_id]  # same prompt around the image
+    for mode in ("original", "contiguous"):  # identical when every token is kept
+        pos, nxt = prompt_positions(ids, image_id, (16, 16), np.arange(256), mode)
+        np.testing.assert_array_equal(pos, ref)
+        assert nxt == ref.max() + 1
+    kept = np.array([3, 40, 41, 200, 255])
+    where = ids.index(image_id)
+    mask = np.ones(ref.shape[1], bool)
+    mask[where:where + 256] = False
+    mask[where + kept] = True
+    pos, nxt = prompt_positions(ids, image_id, (16, 16), kept, "original")
+    np.testing.assert_array_equal(pos, ref[:, mask])  # the unpruned positions of what is kept
+    assert nxt == ref.max() + 1
+    pos, nxt = prompt_positions(ids, image_id, (16, 16), kept, "contiguous")
+    np.testing.assert_array_equal(pos[:, :where + 5], ref[:, mask][:, :where + 5])
+    last = ref[:, where + 255].max()  # the kept token 255 is the image's last: (t, h, w) = where + (0, 15, 15)
+    np.testing.assert_array_equal(pos[:, where + 5:], np.arange(last + 1, last + 1 + len(ids) - where - 1)[None]
+                                  .repeat(3, 0))
+
+
+def test_keep_all_equals_generate(qwen, qwen_folder):
+    """keep 1.0: the torch-free runtime's 32 greedy tokens are transformers' generate's."""
+    from transformers import GenerationConfig
+
+    from vlmprune.runtime.qwen_pipeline import QwenPipeline
+
+    image = make_sample_image(448, 448)
+    pipe = QwenPipeline(qwen_folder)
+    ours = pipe.generate(image, PROMPT, "none-448x448-k256", max_new_tokens=32, ignore_eos=True, keep_logits=True)
+    inputs = _library_inputs(qwen, image)
+    config = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None,
+                              pad_token_id=qwen.tokenizer.pad_token_id)
+    out = qwen.model.generate(**inputs, generation_config=config, output_logits=True, return_dict_in_generate=True)
+    theirs = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    assert ours.prompt_length == inputs["input_ids"].shape[1]
+    assert len(ours.tokens) == 32 and ours.tokens == theirs
+    # the logits of every step too (the tiny random decoder's greedy path alone could hide a wrong image)
+    ref = torch.cat(out.logits).numpy()
+    assert float(np.abs(np.stack(ours.logits) - ref).max()) <= 1e-4 * float(np.abs(ref).max())
+
+
+def _library_greedy(qwen, embeds, positions, next_pos, steps=32):
+    """A transformers greedy loop over the full model with given inputs_embeds and 3-D positions."""
+    from transformers import DynamicCache
+
+    model = qwen.model
+    table = model.get_input_embeddings().weight
+    cache = DynamicCache(config=model.config)
+    out = model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True)
+    tokens = []
+    for i in range(steps):
+        token = int(out.logits[0, -1].argmax())
+        tokens.append(token)
+        pos = torch.full((3, 1, 1), next_pos + i, dtype=torch.long)
+        out = model(inputs_embeds=table[[token]][None], position_ids=pos, past_key_values=out.past_key_values,
+                    use_cache=True)
+    return tokens
+
+
+@pytest.mark.parametrize("mode", ["original", "contiguous"])
+def test_pruned_equals_a_library_loop_fed_the_same_tokens_and_positions(qwen, qwen_folder, mode):
+    """FoPru keep 0.25: the kept indices are the PyTorch module's, and the runtime's greedy tokens are those of a
+    transformers loop fed the same kept features at positions derived from get_rope_index (not from the runtime)."""
+    from vlmprune.export.qwen_graphs import QwenVisionGraph
+    from vlmprune.runtime.qwen_pipeline import QwenPipeline
+    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor
+
+    qwen.set_image_size((448, 448))
+    image = make_sample_image(448, 448)
+    pipe = QwenPipeline(qwen_folder)
+    ours = pipe.generate(image, PROMPT, "fopru-448x448-k64", max_new_tokens=32, positions=mode, ignore_eos=True)
+    pv = torch.from_numpy(QwenPreprocessor(qwen.preprocessing.to_dict())(image))
+    feats, kept = QwenVisionGraph(qwen, "fopru", 64)(pv)
+    assert ours.kept_indices.tolist() == kept[0].tolist()
+
+    inputs = _library_inputs(qwen, image)
+    full = _rope_index(qwen, inputs)
+    ids = inputs["input_ids"][0]
+    where = int((ids == qwen.text.image_token_id).nonzero()[0])
+    keep = torch.ones(ids.shape[0], dtype=torch.bool)
+    keep[where:where + 256] = False
+    keep[where + kept[0]] = True
+    positions = full[:, :, keep].clone()
+    if mode == "contiguous":  # the text after the image follows the kept tokens' largest position
+        after = positions[:, :, where + 64:]
+        positions[:, :, where + 64:] = after - after.min() + positions[:, :, where:where + 64].max() + 1
+    np.testing.assert_array_equal(ours.positions, positions.numpy())
+    table = qwen.model.get_input_embeddings().weight
+    embeds = torch.cat([table[ids[:where]], feats[0], table[ids[where + 1 + 255:]]])[None]
+    theirs = _library_greedy(qwen, embeds, positions, int(positions.max()) + 1)
+    assert ours.tokens == theirs
