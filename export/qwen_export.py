@@ -74,24 +74,32 @@ def fp16_visual(adapter):
         visual.load_state_dict(saved)
 
 
-def validation_cases(adapter, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The tool's sample image through the runtime's own preprocessing at the bucket size, and random input."""
-    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor
+def validation_cases(adapter, seed: int = 0, clip: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The tool's sample image through the runtime's own preprocessing at the bucket size (and the auxiliary CLIP's
+    view of it for GridPrune), and random input."""
+    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor, clip_view
     from vlmprune.sample import make_sample_image
 
-    pixels = torch.from_numpy(QwenPreprocessor(adapter.preprocessing.to_dict())(make_sample_image()))
+    image = make_sample_image()
+    pixels = (torch.from_numpy(QwenPreprocessor(adapter.preprocessing.to_dict())(image)),)
+    if clip:
+        pixels += (torch.from_numpy(clip_view(image, adapter.clip_constants())),)
     g = torch.Generator().manual_seed(seed)
-    return {"sample image": pixels, "random input": torch.randn(pixels.shape, generator=g)}
+    return {"sample image": pixels, "random input": tuple(torch.randn(p.shape, generator=g) for p in pixels)}
 
 
-def validate_qwen_graph(path: Path, module: nn.Module, adapter, precision: str) -> list:
+def validate_qwen_graph(path: Path, module: nn.Module, adapter, precision: str, text_embeds=None) -> list:
     tol = TOLERANCE[precision]
     sess = _session(path)
     checks = []
-    for case, pixels in validation_cases(adapter).items():
+    uses_text = getattr(module, "uses_text", False)
+    for case, pixels in validation_cases(adapter, clip=uses_text).items():
+        args = (*pixels, text_embeds) if uses_text else pixels
         with torch.no_grad():
-            ref_embeds, ref_idx = module(pixels)
-        got_embeds, got_idx = sess.run(["image_embeds", "kept_indices"], {"pixel_values": pixels.numpy()})
+            ref_embeds, ref_idx = module(*args)
+        names = ["pixel_values", "clip_pixel_values", "text_embeds"] if uses_text else ["pixel_values"]
+        feeds = {n: a.numpy() for n, a in zip(names, args)}
+        got_embeds, got_idx = sess.run(["image_embeds", "kept_indices"], feeds)
         idx = _indices(path.name, case, ref_idx.numpy(), got_idx, tol)
         checks.append(idx)
         if idx.indices_equal:
@@ -110,9 +118,9 @@ def export_qwen_vision(req, adapter, buckets, target, needs_text, text_embeds, t
     from .exporter import _check_lint, _clear, _export_streamed, _io
     from .qwen_graphs import QwenVisionGraph
 
-    if needs_text:
-        raise VlmpruneError("text-guided methods (GridPrune) are not exported for Qwen2.5-VL yet",
-                            "use fopru, gprune, l2norm or pool")
+    if needs_text and text_embeds is None:
+        raise VlmpruneError("GridPrune on Qwen2.5-VL needs the prompt's CLIP embedding for its validation",
+                            "report this as a bug")
     records, lint = [], {}
     with WeightsFile(tmp / "vision.weights") as weights:
         for bucket in buckets:
@@ -124,9 +132,13 @@ def export_qwen_vision(req, adapter, buckets, target, needs_text, text_embeds, t
                 module = QwenVisionGraph(adapter, bucket.method, bucket.k, dict(bucket.options)).eval()
                 if module.k != bucket.k:
                     raise AssertionError(f"{bucket.name}: module returns K={module.k}")
+                args, names = (pixels,), ["pixel_values"]
+                if module.uses_text:  # GridPrune: the auxiliary CLIP's view of the image and the prompt embedding
+                    side = adapter.clip_image_size
+                    args += (torch.zeros(1, 3, side, side), torch.zeros(1, adapter.clip.projection_dim))
+                    names += ["clip_pixel_values", "text_embeds"]
                 with fp16_visual(adapter) if req.precision == "fp16" else contextlib.nullcontext():
-                    model = _export_streamed(module, (pixels,), scratch / bucket.file, weights,
-                                             input_names=["pixel_values"],
+                    model = _export_streamed(module, args, scratch / bucket.file, weights, input_names=names,
                                              output_names=["image_embeds", "kept_indices"], opset=target.opset)
                 lint[bucket.file] = lint_all_targets(model)
                 _check_lint(bucket.file, lint[bucket.file], target)
@@ -141,7 +153,7 @@ def export_qwen_vision(req, adapter, buckets, target, needs_text, text_embeds, t
                             "grid": list(adapter.vision.views[0].grid)})
             if req.validate:
                 with steps.step(f"validate {bucket.file}"):
-                    checks += validate_qwen_graph(tmp / bucket.file, module, adapter, req.precision)
+                    checks += validate_qwen_graph(tmp / bucket.file, module, adapter, req.precision, text_embeds)
     return records, lint
 
 
@@ -182,8 +194,24 @@ def export_qwen_folder(model: str, out: Path, method: str, *, keeps=(), tokens=(
         scratch.mkdir()
         checks: list = []
         req = type("Req", (), {"precision": precision, "validate": validate})()
-        records, lint = export_qwen_vision(req, adapter, buckets, get_target(target), False, None, tmp, scratch,
-                                           steps, checks)
+        needs_text = "text" in spec.needs
+        text_module = text_embeds = None
+        if needs_text:
+            from .exporter import VALIDATION_PROMPT
+            from .graphs import TextEncoderGraph
+
+            text_module = TextEncoderGraph(adapter).eval()
+            text_embeds = text_module(adapter.clip.tokenizer(VALIDATION_PROMPT, return_tensors="pt")["input_ids"])
+        records, lint = export_qwen_vision(req, adapter, buckets, get_target(target), needs_text, text_embeds, tmp,
+                                           scratch, steps, checks)
+        text_record = None
+        if text_module is not None:
+            from .exporter import export_text_encoder
+
+            text_record, text_lint = export_text_encoder(req, adapter, text_module, get_target(target), tmp, scratch,
+                                                         steps, checks)
+            lint.update(text_lint)
+            adapter.clip.tokenizer.backend_tokenizer.save(str(tmp / "clip_tokenizer.json"))
         scratch.rmdir()
         failed = [c for c in checks if not c.passed]
         if failed:
@@ -208,6 +236,8 @@ def export_qwen_folder(model: str, out: Path, method: str, *, keeps=(), tokens=(
                         "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
                         "max_context": text.max_context, "eos_token_id": text.eos_token_id,
                         "mrope_section": list(adapter.mrope_section)},
+            "text_encoder": text_record,
+            "auxiliary_clip": adapter.clip_constants() if needs_text else None,
             "lint": {f: {t: v["ok"] for t, v in per.items()} for f, per in lint.items()},
             "validation": [c.__dict__ for c in checks],
         }

@@ -128,7 +128,7 @@ def _strict_loading(info: dict, what: str, path: Path) -> None:
                                 "point at a complete checkpoint of that architecture (all shards present)")
 
 
-def load_clip(name_or_path: str, *, trust_remote_code: bool = False) -> ClipText:
+def load_clip(name_or_path: str, *, trust_remote_code: bool = False, keep_vision: bool = False) -> ClipText:
     """GridPrune's CLIP text tower and projections (``openai/clip-vit-large-patch14-336`` layout)."""
     from transformers import AutoTokenizer, CLIPModel
 
@@ -144,7 +144,8 @@ def load_clip(name_or_path: str, *, trust_remote_code: bool = False) -> ClipText
                                             output_loading_info=True)
     _strict_loading(info, "CLIP model", path)
     model = model.eval()
-    model.vision_model = None  # the VLM's own vision tower is used; free CLIP's copy
+    if not keep_vision:  # the VLM's own vision tower is used; free CLIP's copy
+        model.vision_model = None
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return ClipText(
         model=model,
@@ -221,7 +222,9 @@ def load_model(
     clip_source = clip
     if clip_source is None and (path / "clip" / "config.json").exists():
         clip_source = str(path / "clip")
-    clip_text = load_clip(clip_source, trust_remote_code=trust_remote_code) if clip_source else None
+    # a family without a CLIP joint space (Qwen2.5-VL) runs the auxiliary CLIP's own vision tower on the image
+    clip_text = load_clip(clip_source, trust_remote_code=trust_remote_code,
+                          keep_vision=not family.capabilities.clip_joint_space) if clip_source else None
     adapter = family.adapter_class()(model, processor, path, source=name_or_path, clip=clip_text)
     adapter.family = family
     return adapter

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from vlmprune.errors import VlmpruneError
@@ -185,6 +186,62 @@ class QwenAdapter(VLMAdapter):
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         return feats[0] if isinstance(feats, (tuple, list)) else feats
 
+    # --- GridPrune: the auxiliary CLIP ----------------------------------------------------------------------------
+    def _need_clip(self):
+        if self.clip is None or getattr(self.clip.model, "vision_model", None) is None:
+            raise VlmpruneError("GridPrune on Qwen2.5-VL needs an auxiliary CLIP (vision and text towers), and none "
+                                "was loaded", "pass --clip PATH|HF-ID (openai/clip-vit-large-patch14-336 layout)")
+        return self.clip
+
+    @property
+    def clip_image_size(self) -> int:
+        return int(self._need_clip().model.config.vision_config.image_size)
+
+    @property
+    def clip_grid(self) -> tuple[int, int]:
+        vcfg = self._need_clip().model.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        return side, side
+
+    def clip_constants(self) -> dict:
+        """The runtime's auxiliary-CLIP preprocessing (``runtime.qwen_preprocess.clip_view``), from the CLIP folder's
+        image processor when it has one, else OpenAI CLIP's constants."""
+        from .llava import _PIL_FILTERS
+
+        constants = {"size": self.clip_image_size, "resample": "bicubic", "rescale_factor": 1 / 255,
+                     "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+        if (Path(self.clip.path) / "preprocessor_config.json").is_file():
+            from transformers import AutoImageProcessor
+
+            ip = AutoImageProcessor.from_pretrained(self.clip.path)
+            resample = getattr(ip, "resample", 3)
+            constants.update(resample=_PIL_FILTERS.get(int(resample), "bicubic") if not isinstance(resample, str)
+                             else resample, rescale_factor=float(getattr(ip, "rescale_factor", 1 / 255)),
+                             mean=[float(x) for x in ip.image_mean], std=[float(x) for x in ip.image_std])
+        return constants
+
+    def clip_relevance(self, clip_pixels: Tensor, text_embeds: Tensor) -> Tensor:
+        """[B, hc, wc]: the cosine between each auxiliary-CLIP patch (penultimate layer, ``post_layernorm``, visual
+        projection, as GridPrune's relevance on LLaVA) and the L2-normalised prompt embedding."""
+        from vlmprune.prune.select import l2_normalize
+
+        from .llava import _layer_out
+
+        clip = self._need_clip().model
+        tower = clip.vision_model
+        h = tower.pre_layrnorm(tower.embeddings(clip_pixels.to(tower.embeddings.patch_embedding.weight.dtype)))
+        for layer in tower.encoder.layers[:-1]:
+            h = _layer_out(layer(h, None))
+        v = l2_normalize(clip.visual_projection(tower.post_layernorm(h[:, 1:])).float())
+        r = torch.matmul(v, l2_normalize(text_embeds.float()).unsqueeze(-1)).squeeze(-1)
+        return r.reshape(r.shape[0], *self.clip_grid)
+
+    def text_embeds(self, input_ids: Tensor) -> Tensor:
+        clip = self._need_clip()
+        out = clip.model.get_text_features(input_ids=input_ids)
+        feats = out if isinstance(out, Tensor) else out.pooler_output
+        return feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
     # --- language side ------------------------------------------------------------------------------------------
     def embedding_table(self) -> Tensor:
         return self.model.get_input_embeddings().weight
@@ -295,7 +352,8 @@ FAMILY = Family(
     adapter="vlmprune.models.qwen2_5_vl:QwenAdapter",
     # FoPru and GridPrune's saliency read the last full-attention block ("last_full_attention"); no CLS, and
     # GridPrune's relevance comes from an auxiliary CLIP (--clip), not from the encoder's own space.
-    capabilities=Capabilities(has_cls=False, global_attention_layer="last_full_attention", clip_joint_space=False),
+    capabilities=Capabilities(has_cls=False, global_attention_layer="last_full_attention", clip_joint_space=False,
+                              auxiliary_clip=True),
     recipe=RuntimeRecipe(preprocess="qwen2_vl", layout="single_view", positions="mrope"),
     # The pruning subgraph, and every RMSNorm (Qwen's norms upcast to fp32 in transformers too).
     fp32_scopes=(r"(^|/)method/", r"norm|ln_q|RMSNorm|SimplifiedLayerNormalization"),

@@ -75,6 +75,41 @@ def write_qwen_preset(spec, folder: Path) -> None:
     model.generation_config.bos_token_id = None
     model.save_pretrained(folder, safe_serialization=True)
     save_processor(processor, folder)
+    write_auxiliary_clip(spec, folder / "clip", vocab_seed=spec.seed + 1)
     from .presets import PRESET_VERSION
 
     (folder / "VLMPRUNE_PRESET").write_text(f"{spec.name} v{PRESET_VERSION} seed {spec.seed}\n")
+
+
+def write_auxiliary_clip(spec, folder: Path, vocab_seed: int) -> None:
+    """GridPrune's auxiliary CLIP for the preset: a whole tiny CLIP (vision tower, text tower, projections) at 336 px
+    (24 x 24 patches, resampled onto the merged grid), with the tiny presets' CLIP tokenizer and preprocessing."""
+    from tokenizers import processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from transformers import PreTrainedTokenizerFast
+
+    from .presets import _init_weights
+    from .tiny_tokenizer import build_tokenizer
+
+    raw = build_tokenizer()
+    ids = {t: raw.token_to_id(t) for t in ("<s>", "</s>", "<pad>")}
+    text = CLIPTextConfig(vocab_size=raw.get_vocab_size(), hidden_size=spec.clip_text_hidden,
+                          intermediate_size=spec.clip_text_hidden * 4, num_hidden_layers=spec.clip_text_layers,
+                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=ids["<s>"],
+                          eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"], projection_dim=spec.clip_projection)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=336, patch_size=14, projection_dim=spec.clip_projection,
+                              hidden_act="quick_gelu")
+    clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                projection_dim=spec.clip_projection)).eval()
+    _init_weights(clip, vocab_seed)
+    clip.save_pretrained(folder, safe_serialization=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", model_max_length=77)
+    # CLIP pools at the end-of-text token: end every prompt with </s>.
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])])
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, resample=3,
+                       image_mean=[0.48145466, 0.4578275, 0.40821073],
+                       image_std=[0.26862954, 0.26130258, 0.27577711]).save_pretrained(folder)

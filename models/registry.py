@@ -28,15 +28,18 @@ class Capabilities:
     has_cls: bool  # a CLS token (GridPrune's saliency is CLS attention)
     global_attention_layer: str  # the layer whose attention is global: "feature" (the feature layer itself) or a name
     clip_joint_space: bool  # patch embeddings project into CLIP's joint text-image space (GridPrune's relevance)
+    # GridPrune without CLS and joint space (Qwen2.5-VL, specs/methods.md): relevance from an auxiliary CLIP run on
+    # the image, saliency from the attention each token receives in the global-attention layer
+    auxiliary_clip: bool = False
 
     def provides(self) -> set[str]:
         """The method ``needs`` (see ``prune.registry.MethodSpec.needs``) this family can serve."""
         out = {"projected"}
         if self.global_attention_layer:
             out.add("attention")
-        if self.clip_joint_space:
+        if self.clip_joint_space or self.auxiliary_clip:
             out.add("text")
-        if self.has_cls:
+        if self.has_cls or self.auxiliary_clip:  # "cls" is GridPrune's saliency; see auxiliary_clip
             out.add("cls")
         return out
 

@@ -18,7 +18,7 @@ from vlmprune.errors import VlmpruneError
 
 from .prompt import PromptBuilder
 from .qwen_positions import MODES, stitch_qwen
-from .qwen_preprocess import QwenPreprocessor
+from .qwen_preprocess import QwenPreprocessor, clip_view
 from .sampling import next_token
 
 
@@ -77,6 +77,7 @@ class QwenPipeline:
         self.table = np.load(self._file(s["decoder"]["embeddings"]), mmap_mode="r")
         self.decoder = QwenDecoder(self._file(s["decoder"]["file"]), s["decoder"], threads)
         self._vision = {}
+        self._text = None
 
     def _file(self, name: str) -> Path:
         path = (self.folder / name).resolve()
@@ -90,7 +91,8 @@ class QwenPipeline:
                 return b
         raise VlmpruneError(f"no bucket {name!r}", f"choose from {', '.join(b['name'] for b in self.spec['buckets'])}")
 
-    def vision(self, pixel_values: np.ndarray, bucket: dict) -> tuple[np.ndarray, np.ndarray]:
+    def vision(self, pixel_values: np.ndarray, bucket: dict, image: Image.Image,
+               prompt: str) -> tuple[np.ndarray, np.ndarray]:
         import onnxruntime as ort
 
         if bucket["file"] not in self._vision:
@@ -98,9 +100,30 @@ class QwenPipeline:
             opts.log_severity_level = 3
             self._vision[bucket["file"]] = ort.InferenceSession(str(self._file(bucket["file"])), opts,
                                                                 providers=["CPUExecutionProvider"])
-        embeds, kept = self._vision[bucket["file"]].run(["image_embeds", "kept_indices"],
-                                                        {"pixel_values": pixel_values})
+        feeds = {"pixel_values": pixel_values}
+        session = self._vision[bucket["file"]]
+        if any(i.name == "text_embeds" for i in session.get_inputs()):  # GridPrune: the auxiliary CLIP's inputs
+            feeds.update(clip_pixel_values=clip_view(image, self.spec["auxiliary_clip"]),
+                         text_embeds=self.text_embeds(prompt))
+        embeds, kept = session.run(["image_embeds", "kept_indices"], feeds)
         return embeds[0], kept[0].astype(np.int64)
+
+    def text_embeds(self, prompt: str) -> np.ndarray:
+        import onnxruntime as ort
+
+        from .prompt import load_tokenizer
+
+        spec = self.spec["text_encoder"]
+        if self._text is None:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            self._text = (ort.InferenceSession(str(self._file(spec["file"])), opts, providers=["CPUExecutionProvider"]),
+                          load_tokenizer(self._file(spec["tokenizer"]), "CLIP tokenizer"))
+        session, tokenizer = self._text
+        ids = tokenizer.encode(prompt, add_special_tokens=True).ids
+        if len(ids) > spec["max_length"]:  # CLIP's 77-token window: keep the start and the end-of-text token
+            ids = ids[: spec["max_length"] - 1] + ids[-1:]
+        return session.run(["text_embeds"], {"input_ids": np.asarray([ids], np.int64)})[0]
 
     def generate(self, image: Image.Image, prompt: str, bucket: str, *, max_new_tokens: int = 32,
                  positions: str | None = None, temperature: float = 0.0, ignore_eos: bool = False,
@@ -112,7 +135,7 @@ class QwenPipeline:
         pre = QwenPreprocessor({**self.spec["preprocessing"], "crop_size": b["image_size"]})
         pixels = pre(image)
         ids = self.prompt.encode(prompt)
-        image_embeds, kept = self.vision(pixels, b)
+        image_embeds, kept = self.vision(pixels, b, image, prompt)
         embeds, pos, next_pos = stitch_qwen(ids, self.prompt.image_token_id, self.table, image_embeds, kept,
                                             tuple(b["grid"]), mode)
         max_ctx = int(self.spec["decoder"]["max_context"])

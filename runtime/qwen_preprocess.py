@@ -91,3 +91,18 @@ class QwenPreprocessor:
         if c["do_normalize"]:
             x = (x - self.mean) / self.std
         return patchify(x, self.patch, self.temporal, self.merge)
+
+
+def clip_view(image: Image.Image, constants: dict) -> np.ndarray:
+    """GridPrune's auxiliary-CLIP input ``[1, 3, S, S]``: the whole image resized to the CLIP's square input (the
+    same stretched view the bucket's resize gives, so the relevance map and the merged grid cover the same pixels;
+    a center crop would drop the sides of the image the Qwen encoder sees), rescaled and normalised with the CLIP
+    processor's constants (``manifest["auxiliary_clip"]``: size, resample, mean, std)."""
+    size = int(constants["size"])
+    image = to_rgb(image)
+    if image.size != (size, size):
+        image = image.resize((size, size), _FILTERS[constants.get("resample", "bicubic")])
+    x = np.asarray(image).astype(np.float32).transpose(2, 0, 1) * np.float32(constants.get("rescale_factor", 1 / 255))
+    mean = np.asarray(constants["mean"], np.float32).reshape(3, 1, 1)
+    std = np.asarray(constants["std"], np.float32).reshape(3, 1, 1)
+    return np.ascontiguousarray(((x - mean) / std)[None], dtype=np.float32)

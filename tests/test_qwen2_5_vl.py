@@ -36,10 +36,9 @@ def test_family_declaration():
     assert any("norm" in s for s in fam.fp32_scopes) and any("method" in s for s in fam.fp32_scopes)
     from vlmprune.prune.registry import METHODS
 
-    fam.check_needs("fopru", METHODS["fopru"].needs)
-    fam.check_needs("gprune", METHODS["gprune"].needs)
-    with pytest.raises(VlmpruneError, match="needs a CLS token, a CLIP joint text-image space.*Qwen2.5-VL"):
-        fam.check_needs("gridprune", METHODS["gridprune"].needs)
+    for name, spec in METHODS.items():  # GridPrune through the auxiliary CLIP
+        fam.check_needs(name, spec.needs)
+    assert caps.auxiliary_clip
 
 
 def test_preset_geometry(qwen):
@@ -144,6 +143,64 @@ def _library_fopru_scores(qwen, pv):
     return per_patch.reshape(-1, 4).mean(-1), feats
 
 
+def _library_received_attention(qwen, pv):
+    """GridPrune's saliency from the library's forward: the attention each merged token receives in the last
+    full-attention block (mean over queries and heads, 2x2 group mean, divided by the maximum)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = qwen.model.model.visual
+    blk = visual.blocks[max(visual.config.fullatt_block_indexes)]
+    seen = {}
+    hook = blk.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update(x=args[0], pe=kwargs["position_embeddings"]), with_kwargs=True)
+    try:
+        qwen.reference_image_features(pv)
+    finally:
+        hook.remove()
+    n = seen["x"].shape[0]
+    q, k, _ = blk.attn.qkv(blk.norm1(seen["x"])).reshape(n, 3, blk.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *seen["pe"])
+    probs = torch.softmax((q.transpose(0, 1) @ k.transpose(0, 1).transpose(-1, -2)) * blk.attn.scaling, -1)
+    received = probs.mean(1).mean(0)  # window order
+    window_index, _ = get_vision_window_index(torch.tensor([qwen.grid_thw]), 2, visual.config.window_size, 14)
+    per_patch = torch.empty_like(received)
+    per_patch[(window_index[:, None] * 4 + torch.arange(4)).reshape(-1)] = received
+    merged = per_patch.reshape(-1, 4).mean(-1)
+    return merged / merged.max()
+
+
+def test_gridprune_follows_the_spec(qwen):
+    """Relevance from the auxiliary CLIP's own forward (penultimate layer, post_layernorm, visual projection)
+    resampled onto the merged grid, saliency from the library's attention; zones and budgets as on LLaVA."""
+    import torch.nn.functional as F
+
+    from vlmprune.export.qwen_graphs import QwenVisionGraph
+    from vlmprune.prune.gridprune import gridprune_from_scores
+    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor, clip_view
+
+    qwen.set_image_size((448, 448))
+    image = make_sample_image(640, 480)
+    pv = torch.from_numpy(QwenPreprocessor(qwen.preprocessing.to_dict())(image))
+    cp = torch.from_numpy(clip_view(image, qwen.clip_constants()))
+    assert cp.shape == (1, 3, 336, 336)
+    clip = qwen.clip.model
+    t = clip.get_text_features(input_ids=qwen.clip.tokenizer(PROMPT, return_tensors="pt")["input_ids"])
+    t = (t if isinstance(t, torch.Tensor) else t.pooler_output)
+    t = t / t.norm(dim=-1, keepdim=True)
+    h = clip.vision_model(pixel_values=cp, output_hidden_states=True).hidden_states[-2][:, 1:]
+    v = clip.visual_projection(clip.vision_model.post_layernorm(h))
+    r = torch.nn.functional.cosine_similarity(v, t[:, None], dim=-1).reshape(1, 1, 24, 24)
+    r = F.interpolate(r, size=(16, 16), mode="bilinear", align_corners=False).flatten(1)
+    a = _library_received_attention(qwen, pv)[None]
+    s = 0.5 * (r + 1) * 0.5 + 0.5 * a
+    expected = gridprune_from_scores(r, s, 64, (16, 16), 4, 1.0)
+    embeds, idx = QwenVisionGraph(qwen, "gridprune", 64)(pv, cp, qwen.text_embeds(
+        qwen.clip.tokenizer(PROMPT, return_tensors="pt")["input_ids"]))
+    assert idx.tolist() == expected.tolist()
+    assert len(set((idx[0] // 16 // 4 * 4 + idx[0] % 16 // 4).tolist())) > 1  # spread over several zones
+
+
 @pytest.mark.parametrize("size", [(448, 448), (476, 364)])
 def test_methods_follow_the_spec_on_the_library_forward(qwen, size):
     import torch.nn.functional as F
@@ -177,9 +234,9 @@ def test_methods_follow_the_spec_on_the_library_forward(qwen, size):
 
 
 def test_vision_graphs_export_lint_clean_and_match_pytorch(qwen, tmp_path):
-    """FoPru at a ragged size (the block-mask windows; 448x448's equal windows are exported by the ``qwen_folder``
-    fixture), G-Prune and pool at 448x448: fp32 ONNX Runtime indices identical to the PyTorch module's, embeddings
-    within tolerance, clean for every TensorRT target; and one fp16 graph (index overlap >= 0.9)."""
+    """FoPru at a ragged size (the block-mask windows) and at 448x448 (equal windows), G-Prune and pool at 448x448
+    (GridPrune's graph is exported by the ``qwen_folder`` fixture): fp32 ONNX Runtime indices identical to the
+    PyTorch module's, embeddings within tolerance, clean for trt10 and trt11; and one fp16 graph (overlap >= 0.9)."""
     import types
 
     from vlmprune.export.progress import Steps
@@ -187,16 +244,19 @@ def test_vision_graphs_export_lint_clean_and_match_pytorch(qwen, tmp_path):
     from vlmprune.export.targets import get_target
     from vlmprune.prune import get_method
 
+    prompt_embeds = qwen.text_embeds(qwen.clip.tokenizer(PROMPT, return_tensors="pt")["input_ids"])
+
     def export(method, size, precision="fp32"):
         spec = get_method(method)
         buckets = [b for b in plan_qwen(spec, spec.defaults(), qwen, keeps=(0.25,), image_sizes=[size])
                    if b.method != "none"]
-        out = tmp_path / f"{method}-{precision}"
+        out = tmp_path / f"{method}-{precision}-{size[0]}x{size[1]}"
         (out / ".scratch").mkdir(parents=True)
         checks = []
         req = types.SimpleNamespace(precision=precision, validate=True)
-        records, lint = export_qwen_vision(req, qwen, buckets, get_target("trt10"), False, None, out,
-                                           out / ".scratch", Steps(), checks)
+        text = method == "gridprune"
+        records, lint = export_qwen_vision(req, qwen, buckets, get_target("trt10"), text,
+                                           prompt_embeds if text else None, out, out / ".scratch", Steps(), checks)
         for file, per_target in lint.items():
             assert per_target["trt10"]["ok"] and per_target["trt11"]["ok"], file
         assert checks and all(c.passed for c in checks), [c for c in checks if not c.passed]
@@ -204,9 +264,9 @@ def test_vision_graphs_export_lint_clean_and_match_pytorch(qwen, tmp_path):
 
     records, checks = export("fopru", (476, 364))
     assert [r["name"] for r in records] == ["fopru-476x364-k55"] and records[0]["grid"] == [17, 13]
+    assert all(c.indices_equal for c in checks if c.output == "kept_indices")
     for method in ("fopru", "gprune", "pool"):
-        if method != "fopru":
-            _, checks = export(method, (448, 448))
+        _, checks = export(method, (448, 448))
         assert all(c.indices_equal for c in checks if c.output == "kept_indices")
     _, checks = export("fopru", (448, 448), precision="fp16")
     assert min(c.index_overlap for c in checks if c.output == "kept_indices") >= 0.9
@@ -223,8 +283,10 @@ def qwen_folder(qwen, tmp_path_factory):
 
     qwen.set_image_size((448, 448))
     out = tmp_path_factory.mktemp("qwen") / "bundle"
-    spec = export_qwen_folder(PRESET, out, "fopru", keeps=[0.25])
+    spec = export_qwen_folder(PRESET, out, "gridprune", keeps=[0.25])
     assert all(c["passed"] for c in spec["validation"])
+    assert [c["indices_equal"] for c in spec["validation"] if c["output"] == "kept_indices"] == [True] * 4
+    assert all(spec["lint"][f]["trt10"] and spec["lint"][f]["trt11"] for f in spec["lint"])
     return out
 
 
@@ -314,18 +376,22 @@ def _library_greedy(qwen, embeds, positions, next_pos, steps=32):
 
 @pytest.mark.parametrize("mode", ["original", "contiguous"])
 def test_pruned_equals_a_library_loop_fed_the_same_tokens_and_positions(qwen, qwen_folder, mode):
-    """FoPru keep 0.25: the kept indices are the PyTorch module's, and the runtime's greedy tokens are those of a
-    transformers loop fed the same kept features at positions derived from get_rope_index (not from the runtime)."""
+    """GridPrune keep 0.25 (the auxiliary CLIP's view and text encoder run by the runtime): the kept indices are the
+    PyTorch module's, and the runtime's greedy tokens are those of a transformers loop fed the same kept features at
+    positions derived from get_rope_index (not from the runtime)."""
     from vlmprune.export.qwen_graphs import QwenVisionGraph
     from vlmprune.runtime.qwen_pipeline import QwenPipeline
-    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor
+    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor, clip_view
 
     qwen.set_image_size((448, 448))
     image = make_sample_image(448, 448)
     pipe = QwenPipeline(qwen_folder)
-    ours = pipe.generate(image, PROMPT, "fopru-448x448-k64", max_new_tokens=32, positions=mode, ignore_eos=True)
+    ours = pipe.generate(image, PROMPT, "gridprune-448x448-k64", max_new_tokens=32, positions=mode,
+                         ignore_eos=True)
     pv = torch.from_numpy(QwenPreprocessor(qwen.preprocessing.to_dict())(image))
-    feats, kept = QwenVisionGraph(qwen, "fopru", 64)(pv)
+    cp = torch.from_numpy(clip_view(image, qwen.clip_constants()))
+    t = qwen.text_embeds(qwen.clip.tokenizer(PROMPT, return_tensors="pt")["input_ids"])
+    feats, kept = QwenVisionGraph(qwen, "gridprune", 64)(pv, cp, t)
     assert ours.kept_indices.tolist() == kept[0].tolist()
 
     inputs = _library_inputs(qwen, image)
