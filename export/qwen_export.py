@@ -220,7 +220,9 @@ def export_qwen_folder(model: str, out: Path, method: str, *, keeps=(), tokens=(
         for r in records:
             r["positions"] = DEFAULT_POSITIONS.get(r["method"], "original")
         with steps.step("export decoder (fp32, M-RoPE position_ids [3, B, S])"):
-            export_qwen_decoder(adapter, tmp / "decoder.onnx", tmp / "decoder.weights")
+            decoder = export_qwen_decoder(adapter, tmp / "decoder.onnx", tmp / "decoder.weights")
+            lint["decoder.onnx"] = lint_all_targets(decoder)
+            del decoder
             save_embeddings(adapter, tmp / "embed_tokens.npy")
         adapter.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         text = adapter.text

@@ -61,6 +61,13 @@ def test_preset_geometry(qwen):
                       "<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(VlmpruneError, match="multiple of 28"):
         qwen.set_image_size((448, 450))
+    from vlmprune.models.qwen2_5_vl import parse_image_size
+
+    assert parse_image_size("448x448") == (448, 448) and parse_image_size("476X364") == (476, 364)
+    assert parse_image_size("560") == (560, 560)
+    for bad in ("450x448", "0x0", "448x", "big", "4060x28"):
+        with pytest.raises(VlmpruneError, match="multiple of 28"):
+            parse_image_size(bad)
 
 
 @pytest.mark.parametrize("size", [(448, 448), (476, 364), (280, 560)])
@@ -286,7 +293,8 @@ def qwen_folder(qwen, tmp_path_factory):
     spec = export_qwen_folder(PRESET, out, "gridprune", keeps=[0.25])
     assert all(c["passed"] for c in spec["validation"])
     assert [c["indices_equal"] for c in spec["validation"] if c["output"] == "kept_indices"] == [True] * 4
-    assert all(spec["lint"][f]["trt10"] and spec["lint"][f]["trt11"] for f in spec["lint"])
+    assert "decoder.onnx" in spec["lint"] and "text_encoder.onnx" in spec["lint"]
+    assert all(spec["lint"][f]["trt10"] and spec["lint"][f]["trt11"] for f in spec["lint"]), spec["lint"]
     return out
 
 
@@ -410,3 +418,26 @@ def test_pruned_equals_a_library_loop_fed_the_same_tokens_and_positions(qwen, qw
     embeds = torch.cat([table[ids[:where]], feats[0], table[ids[where + 1 + 255:]]])[None]
     theirs = _library_greedy(qwen, embeds, positions, int(positions.max()) + 1)
     assert ours.tokens == theirs
+
+
+def test_pipeline_refuses_bad_requests_in_one_line(qwen_folder, tmp_path):
+    import json
+    import shutil
+
+    from vlmprune.runtime.qwen_pipeline import QwenPipeline
+
+    pipe = QwenPipeline(qwen_folder)
+    image = make_sample_image(300, 200)
+    with pytest.raises(VlmpruneError, match="no bucket 'fopru-k1'"):
+        pipe.generate(image, PROMPT, "fopru-k1")
+    with pytest.raises(VlmpruneError, match="unknown positions mode 'gapped'"):
+        pipe.generate(image, PROMPT, "none-448x448-k256", positions="gapped")
+    with pytest.raises(VlmpruneError, match="context"):
+        pipe.generate(image, PROMPT, "none-448x448-k256", max_new_tokens=10**6)
+    hostile = tmp_path / "hostile"
+    shutil.copytree(qwen_folder, hostile)
+    spec = json.loads((hostile / "qwen.json").read_text())
+    spec["decoder"]["file"] = "../../etc/passwd"
+    (hostile / "qwen.json").write_text(json.dumps(spec))
+    with pytest.raises(VlmpruneError, match="not a file inside"):
+        QwenPipeline(hostile)
