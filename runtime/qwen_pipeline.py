@@ -8,6 +8,7 @@ manifest's generic ``Pipeline`` (``runtime/pipeline.py``) does not dispatch to i
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,8 @@ class QwenResult:
     prompt_length: int
     positions: np.ndarray = field(repr=False)  # [3, 1, S] of the prefill
     logits: list[np.ndarray] | None = field(default=None, repr=False)  # per step, when asked for
+    # milliseconds: preprocess (both views), text_encoder, vision (graph incl. pruning), prefill, ttft, tpot, total
+    timings: dict = field(default_factory=dict)
 
 
 class QwenDecoder:
@@ -103,8 +106,13 @@ class QwenPipeline:
         feeds = {"pixel_values": pixel_values}
         session = self._vision[bucket["file"]]
         if any(i.name == "text_embeds" for i in session.get_inputs()):  # GridPrune: the auxiliary CLIP's inputs
-            feeds.update(clip_pixel_values=clip_view(image, self.spec["auxiliary_clip"]),
-                         text_embeds=self.text_embeds(prompt))
+            t = getattr(self, "_timings", {})
+            t0 = time.perf_counter()
+            feeds["clip_pixel_values"] = clip_view(image, self.spec["auxiliary_clip"])
+            t1 = time.perf_counter()
+            feeds["text_embeds"] = self.text_embeds(prompt)
+            t["clip_view_ms"] = (t1 - t0) * 1e3
+            t["text_encoder_ms"] = (time.perf_counter() - t1) * 1e3
         embeds, kept = session.run(["image_embeds", "kept_indices"], feeds)
         return embeds[0], kept[0].astype(np.int64)
 
@@ -132,10 +140,18 @@ class QwenPipeline:
         mode = positions or b.get("positions") or "original"
         if mode not in MODES:
             raise VlmpruneError(f"unknown positions mode {mode!r}", f"use one of {', '.join(MODES)}")
+        t = {}
+        start = time.perf_counter()
         pre = QwenPreprocessor({**self.spec["preprocessing"], "crop_size": b["image_size"]})
         pixels = pre(image)
+        t["preprocess_ms"] = (time.perf_counter() - start) * 1e3
         ids = self.prompt.encode(prompt)
+        self._timings = t
+        t0 = time.perf_counter()
         image_embeds, kept = self.vision(pixels, b, image, prompt)
+        t["vision_ms"] = (time.perf_counter() - t0) * 1e3 - t.get("text_encoder_ms", 0.0) - t.get("clip_view_ms", 0.0)
+        t["preprocess_ms"] += t.pop("clip_view_ms", 0.0)
+        t.setdefault("text_encoder_ms", 0.0)
         embeds, pos, next_pos = stitch_qwen(ids, self.prompt.image_token_id, self.table, image_embeds, kept,
                                             tuple(b["grid"]), mode)
         max_ctx = int(self.spec["decoder"]["max_context"])
@@ -144,7 +160,10 @@ class QwenPipeline:
                                 f", past the model's context of {max_ctx}", "generate fewer tokens")
         eos = self.spec["decoder"].get("eos_token_id")
         self.decoder.reset()
+        t0 = time.perf_counter()
         logits = self.decoder.step(embeds, pos)
+        t["prefill_ms"] = (time.perf_counter() - t0) * 1e3
+        first = None
         out: list[int] = []
         step_pos = np.zeros((3, 1, 1), np.int64)
         rows = [] if keep_logits else None
@@ -152,6 +171,9 @@ class QwenPipeline:
             if rows is not None:
                 rows.append(np.array(logits, np.float32))
             token = next_token(logits, temperature)
+            if first is None:
+                first = time.perf_counter()
+                t["ttft_ms"] = (first - start) * 1e3
             if token == eos and not ignore_eos:
                 break
             out.append(token)
@@ -160,4 +182,7 @@ class QwenPipeline:
             step_pos[:] = next_pos
             logits = self.decoder.step(np.asarray(self.table[token], np.float32)[None, None], step_pos)
             next_pos += 1
-        return QwenResult(out, self.prompt.decode(out), kept, embeds.shape[1], pos, rows)
+        end = time.perf_counter()
+        t["total_ms"] = (end - start) * 1e3
+        t["tpot_ms"] = (end - first) * 1e3 / (len(out) - 1) if len(out) > 1 else 0.0
+        return QwenResult(out, self.prompt.decode(out), kept, embeds.shape[1], pos, rows, t)

@@ -441,3 +441,21 @@ def test_pipeline_refuses_bad_requests_in_one_line(qwen_folder, tmp_path):
     (hostile / "qwen.json").write_text(json.dumps(spec))
     with pytest.raises(VlmpruneError, match="not a file inside"):
         QwenPipeline(hostile)
+
+
+def test_bench_rows_measure_ttft_against_keep(tmp_path):
+    """prune-bench's Qwen rows (export/bench_qwen.py) on the tiny preset: one row per bucket with measured stage
+    times, the single-view bench's targets evaluated on them, and the temporary exports removed."""
+    import types
+
+    from vlmprune.export.bench_qwen import run_qwen_bench
+
+    args = types.SimpleNamespace(model=PRESET, methods="gprune", keep="1.0,0.25", repeats=1, warmup=0,
+                                 image="sample", out=tmp_path, threads=None, prompt=PROMPT, new_tokens=3)
+    report = run_qwen_bench(args)
+    assert [(r["method"], r["k"], r["keep"]) for r in report["rows"]] == [("gprune", 256, 1.0), ("gprune", 64, 0.25)]
+    for row in report["rows"]:
+        assert row["ttft_ms"] > row["prefill_ms"] > 0 and row["vision_prune_ms"] > 0 and row["tokens_generated"] == 3
+        assert row["prompt_tokens"] == report["rows"][0]["prompt_tokens"] - 256 + row["k"]
+    assert "runtime TPOT / bare decoder step (worst)" in {t["target"] for t in report["targets"]}
+    assert list(tmp_path.iterdir()) == []  # the bench's own export folders are gone
