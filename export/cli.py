@@ -62,13 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
                    help="vision graphs: fp32, or fp16 (the encoder in fp16; every LayerNorm and the pruning subgraph in "
                         "fp32; validated by kept-index overlap with fp32 PyTorch)")
+    p.add_argument("--decoder-precision", choices=["fp32", "fp16", "int8", "int4"],
+                   help="LLM decoder weights: fp16 (weights and KV cache), int8/int4 (weight-only MatMulNBits for "
+                        "ONNX Runtime CPU/CUDA) or fp32 (default: fp16 for checkpoints stored in fp16/bf16, else fp32)")
+    p.add_argument("--fused-decoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write decoder_fused.onnx, ONNX Runtime GenAI's model builder graph (fused attention, "
+                        "in-place KV cache) that prune-run uses on ONNX Runtime CPU/CUDA; TensorRT keeps decoder.onnx "
+                        "(default: on when onnxruntime-genai is installed)")
     p.add_argument("--clip", help="CLIP model for GridPrune's text tower (a preset brings its own)")
+    p.add_argument("--layouts", help="LLaVA-NeXT: pinpoint layouts (crop grids, rows x cols) that get vision graphs, "
+                                     "comma-separated, e.g. 2x2,1x2 (default: all of the checkpoint's pinpoints)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation against PyTorch")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (Linux ru_maxrss is in KiB), as the scale issue's memory bound is stated."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 @main_wrapper("prune-export")
@@ -89,10 +105,13 @@ def main(argv=None):
         out=args.out,
         target=args.target,
         precision=args.precision,
+        decoder_precision=args.decoder_precision,
+        fused_decoder=args.fused_decoder,
         force=args.force,
         validate=args.validate,
         clip=args.clip,
         trust_remote_code=args.trust_remote_code,
+        layouts=[part.strip() for part in args.layouts.split(",") if part.strip()] if args.layouts else None,
     )
     steps = Steps(quiet=args.quiet)
     result = export_bundle(req, steps)
@@ -102,7 +121,9 @@ def main(argv=None):
         "buckets": [{"name": b["name"], "keep": b["keep"], "k": b["k"]} for b in buckets],
         "validation_passed": None if result.validation is None else result.validation["passed"],
         "lint_ok": {t: all(g[t]["ok"] for g in result.manifest["lint"].values()) for t in next(iter(result.manifest["lint"].values()))},
+        "decoder_precision": result.manifest["decoder"]["precision"],
         "seconds": round(steps.elapsed, 2),
+        "peak_rss_mb": peak_rss_mb(),
     }
     if args.json:
         print(json.dumps(summary))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import gc
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -21,16 +22,19 @@ from vlmprune.prune.registry import validate_keep
 
 from .buckets import Bucket, plan_buckets
 from .decoder import DecoderGraph, decoder_dynamic_axes, decoder_io_names
+from .decoder_fused import export_fused_decoder
 from .graphs import BucketVisionGraph, TextEncoderGraph
 from .lint import lint_all_targets
-from .onnx_io import export_onnx, externalize
+from .onnx_io import WeightsFile, attach_weights, export_onnx, has_external_data, save_graph
 from .precision import fp16_vision
 from .progress import Steps
 from .publish import claim
 from .targets import get_target
-from .validate import summarise, validate_decoder, validate_text_encoder, validate_vision
+from .quantize import BITS, quantize_decoder
+from .validate import GREEDY_TOKENS, summarise, validate_decoder, validate_text_encoder, validate_vision
 
 VALIDATION_PROMPT = "What color is the car next to the house?"
+DECODER_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 
 @dataclass
@@ -43,10 +47,13 @@ class ExportRequest:
     out: Path | None = None
     target: str = "trt10"
     precision: str = "fp32"
+    decoder_precision: str | None = None  # None: fp16 for checkpoints stored in fp16/bf16, fp32 otherwise
     force: bool = False
     validate: bool = True
     clip: str | None = None
     trust_remote_code: bool = False
+    fused_decoder: bool | None = None  # ONNX Runtime's fused decoder too; None: when onnxruntime-genai is installed
+    layouts: list[str] | None = None  # anyres families: the pinpoint layouts that get graphs (None: all)
 
 
 @dataclass
@@ -117,13 +124,29 @@ def export_bundle(req: ExportRequest, steps: Steps | None = None) -> ExportResul
 
 def _export(req: ExportRequest, steps: Steps, spec, target, options, out: Path, place) -> ExportResult:
     """The export proper, while ``place`` (the claim on ``--out``) is held."""
+    if req.decoder_precision not in (None, *DECODER_PRECISIONS):
+        raise VlmpruneError(f"unknown decoder precision {req.decoder_precision!r}",
+                            f"use --decoder-precision {'|'.join(DECODER_PRECISIONS)}")
+
     torch.set_grad_enabled(False)
     with steps.step(f"load model {req.model}"), loading_errors(req.model):
         from vlmprune.models import load_model
+        from vlmprune.models.loading import checkpoint_dtype, resolve_path
 
-        adapter = load_model(req.model, clip=req.clip, trust_remote_code=req.trust_remote_code)
+        if req.decoder_precision is None:  # follow the checkpoint: a published fp16/bf16 one stays half precision
+            stored = checkpoint_dtype(resolve_path(req.model))
+            req.decoder_precision = "fp16" if stored in ("F16", "BF16") else "fp32"
+        adapter = load_model(req.model, clip=req.clip, trust_remote_code=req.trust_remote_code,
+                             decoder_dtype="float32" if req.decoder_precision == "fp32" else "float16",
+                             method=spec.name, needs=spec.needs)
+    steps.log(f"decoder precision: {req.decoder_precision}")
     view = adapter.vision.views[0]
-    buckets = plan_buckets(spec, options, view.num_patches, view.grid, req.keeps, req.tokens)
+    if _anyres(adapter):  # LLaVA-NeXT: buckets per pinpoint layout (export/anyres_export.py)
+        from .anyres_export import plan_anyres
+
+        buckets = plan_anyres(spec, options, adapter, req.keeps, req.tokens, req.layouts)
+    else:
+        buckets = plan_buckets(spec, options, view.num_patches, view.grid, req.keeps, req.tokens)
     needs_text = "text" in spec.needs
     if needs_text and adapter.clip is None:
         raise VlmpruneError(
@@ -168,87 +191,255 @@ def loading_errors(model: str):
 
 
 def _build(req, adapter, spec, options, buckets: list[Bucket], target, needs_text, tmp: Path, steps: Steps):
-    view = adapter.vision.views[0]
-    graphs: dict[str, onnx.ModelProto] = {}
-    modules: dict[str, tuple[torch.nn.Module, bool]] = {}
-    pixels = torch.zeros(1, 3, *view.image_size)
-    text_dim = adapter.clip.projection_dim if adapter.clip is not None else 0
-    for bucket in buckets:
-        with steps.step(f"export vision graph {bucket.name}"):
-            method = get_method(bucket.method).build(bucket.k, view.grid, view.has_cls, **dict(bucket.options))
-            if method.k != bucket.k:
-                raise AssertionError(f"{bucket.name}: module returns K={method.k}")
-            module = BucketVisionGraph(adapter, method).eval()
-            uses_text = bucket.method != "none" and needs_text
-            args = (pixels, torch.zeros(1, text_dim)) if uses_text else (pixels,)
-            names = ["pixel_values", "text_embeds"] if uses_text else ["pixel_values"]
-            with fp16_vision(adapter) if req.precision == "fp16" else contextlib.nullcontext():
-                model = export_onnx(module, args, input_names=names, output_names=["image_embeds", "kept_indices"],
-                                    opset=target.opset)
-            graphs[bucket.file] = _fold(model)
-            modules[bucket.file] = (module, uses_text)
-
-    text_module = None
-    if needs_text:
-        with steps.step("export CLIP text encoder"):
+    """Each artifact is exported straight to files, validated, and released before the next one starts, so export
+    memory is bounded by the largest graph rather than by the whole bundle."""
+    scratch = tmp / ".scratch"  # torch's per-tensor files land here; removed before the manifest is written
+    scratch.mkdir()
+    checks: list = []
+    try:
+        text_module, text_embeds, text_record, text_lint = None, None, None, {}
+        if needs_text:
             text_module = TextEncoderGraph(adapter).eval()
             ids = adapter.clip.tokenizer(VALIDATION_PROMPT, return_tensors="pt")["input_ids"]
-            model = export_onnx(text_module, (ids,), input_names=["input_ids"], output_names=["text_embeds"],
-                                dynamic_axes={"input_ids": {1: "text_length"}}, opset=target.opset)
-            graphs["text_encoder.onnx"] = _fold(model)
-
-    with steps.step("export decoder"):
-        decoder = DecoderGraph(adapter).eval()
-        names_in, names_out = decoder_io_names(adapter.text.num_layers)
-        decoder_model = export_onnx(decoder, decoder.example_inputs(), input_names=names_in, output_names=names_out,
-                                    dynamic_axes=decoder_dynamic_axes(adapter.text.num_layers), opset=target.opset)
-        embed = adapter.embedding_table().detach().float().numpy()
-        np.save(tmp / "embed_tokens.npy", embed)
-
-    with steps.step("lint for TensorRT"):
-        lint = {name: lint_all_targets(m) for name, m in {**graphs, "decoder.onnx": decoder_model}.items()}
-        for name, per_target in lint.items():
-            t = per_target[target.name]
-            if not t["ok"]:
-                first = next(f for f in t["findings"] if f["level"] == "error")
-                raise VlmpruneError(f"{name} fails the {target.name} lint: {first['message']}", "report this as a bug")
-
-    with steps.step("write bundle"):
-        vision_files = {k: v for k, v in graphs.items() if k.startswith("vision_")}
-        sizes = externalize(vision_files, tmp, "vision.weights")
-        if "text_encoder.onnx" in graphs:
-            sizes.update(externalize({"text_encoder.onnx": graphs["text_encoder.onnx"]}, tmp, "text_encoder.weights"))
-        sizes.update(externalize({"decoder.onnx": decoder_model}, tmp, "decoder.weights"))
+            text_embeds = text_module(ids)
+        vision_fn = export_vision
+        if _anyres(adapter):
+            from .anyres_export import export_anyres_vision as vision_fn
+        vision_records, lint = vision_fn(req, adapter, buckets, target, needs_text, text_embeds, tmp, scratch,
+                                             steps, checks)
+        if text_module is not None:
+            text_record, text_lint = export_text_encoder(req, adapter, text_module, target, tmp, scratch, steps, checks)
+            lint.update(text_lint)
+        _release_vision(adapter)  # the decoder stage does not need the vision tower: give its memory back
+        decoder_record, decoder_lint, decoder_summary = export_decoder(req, adapter, target, tmp, scratch, steps,
+                                                                       checks)
+        lint.update(decoder_lint)
+        fused_record, fused_summary = export_fused_decoder(req, adapter, tmp, steps, checks)  # for ORT CPU/CUDA
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    with steps.step("write tokenizer"):
         adapter.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         if needs_text:
             adapter.clip.tokenizer.backend_tokenizer.save(str(tmp / "clip_tokenizer.json"))
 
     validation = None
     if req.validate:
-        with steps.step("validate against PyTorch"):
-            checks = []
-            text_embeds = None
-            if text_module is not None:
-                ids = adapter.clip.tokenizer(VALIDATION_PROMPT, return_tensors="pt")["input_ids"]
-                checks += validate_text_encoder(tmp, "text_encoder.onnx", text_module, ids)
-                text_embeds = text_module(ids)
-            checks += validate_vision(tmp, modules, adapter, text_embeds, req.precision)
-            checks += validate_decoder(tmp, "decoder.onnx", decoder, adapter.text.num_layers)
-            validation = summarise(checks, req.precision)
-            (tmp / "validation.json").write_text(json.dumps(validation, indent=2) + "\n")
-            _print_validation(validation, steps)
-            if not validation["passed"]:
-                failed = [c for c in validation["checks"] if not c["passed"]]
-                c = failed[0]
-                raise VlmpruneError(
-                    f"validation failed for {len(failed)} check(s), first: {c['graph']} {c['case']} {c['output']} "
-                    f"(max abs diff {c['max_abs_diff']:.3g} > {c['allowed']:.3g}, overlap {c['index_overlap']})",
-                    "no bundle was published; report this with the model and method",
-                )
+        validation = summarise(checks, req.precision, decoder_summary)
+        validation["decoder_fused"] = fused_summary
+        (tmp / "validation.json").write_text(json.dumps(validation, indent=2) + "\n")
+        _print_validation(validation, steps)
+        if decoder_summary is not None:
+            d = decoder_summary
+            steps.log(f"  decoder ({d['precision']}) vs fp32 PyTorch: logits cosine >= {d['logits_min_cosine']:.5f}, "
+                      f"greedy identical for {d['greedy_identical_prefix']}/{d['greedy_tokens']} tokens, "
+                      f"teacher-forced agreement {d['teacher_forced_agreement']:.2f}")
+        if not validation["passed"]:
+            failed = [c for c in validation["checks"] if not c["passed"]]
+            c = failed[0]
+            raise VlmpruneError(
+                f"validation failed for {len(failed)} check(s), first: {c['graph']} {c['case']} {c['output']} "
+                f"({c['max_abs_diff']:.3g} > allowed {c['allowed']:.3g}, overlap {c['index_overlap']})",
+                "no bundle was published; report this with the model and method",
+            )
 
-    manifest = _manifest(req, adapter, spec, options, buckets, target, graphs, decoder_model, lint, validation, tmp)
+    manifest = _manifest(req, adapter, spec, options, target, vision_records, text_record, decoder_record, lint,
+                         validation, tmp)
+    if fused_record is not None:  # the standard-op "decoder" stays the TensorRT one; see decoder_fused.providers
+        manifest["decoder_fused"] = fused_record
+    if _anyres(adapter):
+        from .anyres_export import anyres_manifest
+
+        anyres_manifest(manifest, adapter, spec, tmp)
     write_manifest(tmp, manifest)
     return ExportResult(tmp, manifest, validation, dict(steps.timings))
+
+
+def _anyres(adapter) -> bool:
+    family = getattr(adapter, "family", None)
+    return family is not None and family.recipe.layout == "anyres_raster"
+
+
+def _check_lint(name: str, per_target: dict, target) -> None:
+    t = per_target[target.name]
+    if not t["ok"]:
+        first = next(f for f in t["findings"] if f["level"] == "error")
+        raise VlmpruneError(f"{name} fails the {target.name} lint: {first['message']}", "report this as a bug")
+
+
+def _clear(scratch: Path) -> None:
+    for p in scratch.iterdir():
+        p.unlink()
+
+
+def export_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp: Path, scratch: Path, steps: Steps,
+                  checks: list) -> tuple[list[dict], dict]:
+    """One graph per bucket, all sharing ``vision.weights``; each validated as soon as it is written."""
+    view = adapter.vision.views[0]
+    pixels = torch.zeros(1, 3, *view.image_size)
+    text_dim = adapter.clip.projection_dim if adapter.clip is not None else 0
+    records, lint = [], {}
+    with WeightsFile(tmp / "vision.weights") as weights:
+        for bucket in buckets:
+            with steps.step(f"export vision graph {bucket.name}"):
+                method = get_method(bucket.method).build(bucket.k, view.grid, view.has_cls, **dict(bucket.options))
+                if method.k != bucket.k:
+                    raise AssertionError(f"{bucket.name}: module returns K={method.k}")
+                module = BucketVisionGraph(adapter, method).eval()
+                uses_text = bucket.method != "none" and needs_text
+                args = (pixels, torch.zeros(1, text_dim)) if uses_text else (pixels,)
+                names = ["pixel_values", "text_embeds"] if uses_text else ["pixel_values"]
+                with fp16_vision(adapter) if req.precision == "fp16" else contextlib.nullcontext():
+                    model = _export_streamed(module, args, scratch / bucket.file, weights, input_names=names,
+                                             output_names=["image_embeds", "kept_indices"], opset=target.opset)
+                lint[bucket.file] = lint_all_targets(model)
+                _check_lint(bucket.file, lint[bucket.file], target)
+                save_graph(model, tmp / bucket.file)
+                inputs, outputs = _io(model)
+                del model
+                _clear(scratch)
+                weights.flush()
+            records.append({"name": bucket.name, "method": bucket.method, "keep": bucket.keep, "k": bucket.k,
+                            "options": dict(bucket.options), "file": bucket.file, "inputs": inputs,
+                            "outputs": outputs})
+            if req.validate:
+                with steps.step(f"validate {bucket.file}"):
+                    checks += validate_vision(tmp, {bucket.file: (module, uses_text)}, adapter, text_embeds,
+                                              req.precision)
+    return records, lint
+
+
+def _export_streamed(module, args, path: Path, weights: WeightsFile, *, input_names, output_names, opset,
+                     dynamic_axes=None) -> onnx.ModelProto:
+    """Trace with the weights as graph inputs, fold the shape chains (which never read a weight), then stream each
+    weight from the module into ``weights``. The graph never holds its weights in memory, so a vision tower costs
+    its own size once during export (ViT-L: 1.2 GB), not four protobuf copies of it."""
+    model = export_onnx(module, args, path, input_names=input_names, output_names=output_names,
+                        dynamic_axes=dynamic_axes, opset=opset, weights_as_inputs=True)
+    model = _fold(model)
+    attach_weights(model, {**dict(module.named_buffers()), **dict(module.named_parameters())}, weights)
+    extra = [i.name for i in model.graph.input if i.name not in input_names]
+    if extra:
+        raise VlmpruneError(f"{path.name}: {len(extra)} graph input(s) are not weights of the model, first {extra[0]}",
+                            "report this as a bug")
+    weights.add_model(model)  # constants that folding produced above the inline threshold
+    _trim()
+    return model
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the OS between graphs. glibc keeps freed blocks below its (dynamic, up to
+    32 MB) mmap threshold in the heap, so without this the freed protobufs of one graph stay in RSS under the next."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def export_text_encoder(req, adapter, module, target, tmp: Path, scratch: Path, steps: Steps,
+                        checks: list) -> tuple[dict, dict]:
+    with steps.step("export CLIP text encoder"):
+        ids = adapter.clip.tokenizer(VALIDATION_PROMPT, return_tensors="pt")["input_ids"]
+        with WeightsFile(tmp / "text_encoder.weights") as weights:
+            model = _export_streamed(module, (ids,), scratch / "text_encoder.onnx", weights,
+                                     input_names=["input_ids"], output_names=["text_embeds"],
+                                     dynamic_axes={"input_ids": {1: "text_length"}}, opset=target.opset)
+        lint = {"text_encoder.onnx": lint_all_targets(model)}
+        _check_lint("text_encoder.onnx", lint["text_encoder.onnx"], target)
+        save_graph(model, tmp / "text_encoder.onnx")
+        t_in, t_out = _io(model)
+        _clear(scratch)
+    if req.validate:
+        with steps.step("validate text_encoder.onnx"):
+            checks += validate_text_encoder(tmp, "text_encoder.onnx", module, ids)
+    record = {"file": "text_encoder.onnx", "weights": "text_encoder.weights", "inputs": t_in, "outputs": t_out,
+              "tokenizer": "clip_tokenizer.json", "max_length": adapter.clip.max_length,
+              "projection_dim": adapter.clip.projection_dim}
+    return record, lint
+
+
+def _release_vision(adapter) -> None:
+    """Drop the vision tower's and projector's weights (their graphs are written and validated)."""
+    for part in ("model.vision_tower", "model.multi_modal_projector"):
+        try:
+            module = adapter.model.get_submodule(part)
+        except AttributeError:
+            continue
+        for p in module.parameters():
+            p.data = torch.empty(0, dtype=p.dtype)
+    _trim()
+
+
+def export_decoder(req, adapter, target, tmp: Path, scratch: Path, steps: Steps,
+                   checks: list) -> tuple[dict, dict, dict | None]:
+    """The KV-cache decoder in its precision: fp32/fp16 as traced, int8/int4 weight-only (MatMulNBits)."""
+    precision = req.decoder_precision
+    decoder = DecoderGraph(adapter).eval()
+    dtype = next(decoder.lm.parameters()).dtype
+    float_name = "float16" if dtype == torch.float16 else "float32"
+    text = adapter.text
+    quantization = None
+    with steps.step(f"export decoder ({precision})"):
+        names_in, names_out = decoder_io_names(text.num_layers)
+        model = export_onnx(decoder, decoder.example_inputs(dtype=dtype), scratch / "decoder.onnx",
+                            input_names=names_in, output_names=names_out,
+                            dynamic_axes=decoder_dynamic_axes(text.num_layers), opset=target.opset,
+                            weights_as_inputs=True)
+        params = dict(decoder.named_parameters())
+        if precision in BITS:  # float weights go to scratch; the quantizer reads them from there one at a time
+            with WeightsFile(scratch / "float.weights") as floats:
+                attach_weights(model, params, floats)
+        with WeightsFile(tmp / "decoder.weights") as weights:
+            if precision in BITS:
+                quantization = quantize_decoder(model, scratch, weights, precision, steps.log)
+            else:
+                attach_weights(model, params, weights)
+            weights.add_model(model, scratch)
+        _clear(scratch)
+        lint = {}
+        if quantization is None:  # MatMulNBits is for ONNX Runtime: an int8/int4 decoder is not a TensorRT input
+            lint["decoder.onnx"] = lint_all_targets(model)
+            _check_lint("decoder.onnx", lint["decoder.onnx"], target)
+        save_graph(model, tmp / "decoder.onnx")
+        dec_in, dec_out = _io(model)
+        del model
+        np.save(tmp / "embed_tokens.npy", adapter.embedding_table().detach().numpy())
+        _trim()
+    summary = None
+    if req.validate:
+        with steps.step(f"validate decoder.onnx ({precision}, {GREEDY_TOKENS} greedy tokens against fp32 PyTorch)"):
+            prompt_ids = adapter.tokenizer(VALIDATION_PROMPT)["input_ids"]
+            found, summary = validate_decoder(tmp, "decoder.onnx", decoder, adapter, precision, prompt_ids)
+            checks += found
+    record = {
+        "file": "decoder.onnx",
+        "weights": "decoder.weights",
+        "precision": precision,
+        "activation_dtype": float_name,
+        "kv_dtype": float_name,
+        "fp32_outputs": ["logits"],  # the LM head's output is cast to fp32; RMSNorm and softmax compute in fp32
+        "quantization": quantization,
+        "providers": ["CPUExecutionProvider", "CUDAExecutionProvider"] if quantization else None,
+        "inputs": dec_in,
+        "outputs": dec_out,
+        "num_layers": text.num_layers,
+        "num_heads": text.num_heads,
+        "num_kv_heads": text.num_kv_heads,
+        "head_dim": text.head_dim,
+        "hidden_size": text.hidden_size,
+        "vocab_size": text.vocab_size,
+        "max_context": text.max_context,
+        "bos_token_id": text.bos_token_id,
+        "eos_token_id": text.eos_token_id,
+        "pad_token_id": text.pad_token_id,
+        "embeddings": {"file": "embed_tokens.npy", "shape": [text.vocab_size, text.hidden_size], "dtype": float_name},
+    }
+    return record, lint, summary
+
+
+_DECODER_SUMMARY_CHECKS = ("logits cosine", "identical prefix", "teacher-forced agreement")
 
 
 def _print_validation(validation: dict, steps: Steps) -> None:
@@ -256,7 +447,8 @@ def _print_validation(validation: dict, steps: Steps) -> None:
     for c in validation["checks"]:
         by_graph.setdefault(c["graph"], []).append(c)
     for graph, checks in by_graph.items():
-        worst = max(c["max_abs_diff"] for c in checks)
+        # greedy and cosine checks carry their own units (printed in the decoder line)
+        worst = max((c["max_abs_diff"] for c in checks if c["output"] not in _DECODER_SUMMARY_CHECKS), default=0.0)
         idx = [c for c in checks if c["output"] == "kept_indices"]
         extra = f", kept indices identical in {sum(bool(c['indices_equal']) for c in idx)}/{len(idx)}" if idx else ""
         floor = validation.get("tolerance", {}).get("min_overlap", 1.0)
@@ -266,18 +458,11 @@ def _print_validation(validation: dict, steps: Steps) -> None:
         steps.log(f"  {status:6s} {graph}: max abs diff {worst:.2e}{extra}")
 
 
-def _manifest(req, adapter, spec, options, buckets, target, graphs, decoder_model, lint, validation, folder):
+def _manifest(req, adapter, spec, options, target, vision_records, text_record, decoder_record, lint, validation,
+              folder):
     view = adapter.vision.views[0]
     from vlmprune.models.presets import PRESETS
 
-    bucket_entries = []
-    for b in buckets:
-        inputs, outputs = _io(graphs[b.file])
-        bucket_entries.append({
-            "name": b.name, "method": b.method, "keep": b.keep, "k": b.k, "options": dict(b.options),
-            "file": b.file, "inputs": inputs, "outputs": outputs,
-        })
-    dec_in, dec_out = _io(decoder_model)
     text = adapter.text
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -293,9 +478,9 @@ def _manifest(req, adapter, spec, options, buckets, target, graphs, decoder_mode
             "view": {"name": view.name, "image_size": list(view.image_size), "grid": list(view.grid),
                      "num_patches": view.num_patches, "has_cls": view.has_cls},
             "weights": "vision.weights",
-            "buckets": bucket_entries,
+            "buckets": vision_records,
         },
-        "text_encoder": None,
+        "text_encoder": text_record,
         "prompt": {
             "tokenizer": "tokenizer.json",
             "chat_template": text.chat_template,
@@ -304,33 +489,9 @@ def _manifest(req, adapter, spec, options, buckets, target, graphs, decoder_mode
             "stitch": "replace_placeholder",  # the single image token is replaced by the K kept image tokens
             "positions": "contiguous",
         },
-        "decoder": {
-            "file": "decoder.onnx",
-            "weights": "decoder.weights",
-            "inputs": dec_in,
-            "outputs": dec_out,
-            "num_layers": text.num_layers,
-            "num_heads": text.num_heads,
-            "num_kv_heads": text.num_kv_heads,
-            "head_dim": text.head_dim,
-            "hidden_size": text.hidden_size,
-            "vocab_size": text.vocab_size,
-            "max_context": text.max_context,
-            "bos_token_id": text.bos_token_id,
-            "eos_token_id": text.eos_token_id,
-            "pad_token_id": text.pad_token_id,
-            "kv_dtype": "float32",
-            "embeddings": {"file": "embed_tokens.npy", "shape": [text.vocab_size, text.hidden_size], "dtype": "float32"},
-        },
+        "decoder": decoder_record,
         "lint": lint,
         "validation": None if validation is None else {"file": "validation.json", "passed": validation["passed"],
                                                        "checks": len(validation["checks"])},
     }
-    if "text_encoder.onnx" in graphs:
-        t_in, t_out = _io(graphs["text_encoder.onnx"])
-        manifest["text_encoder"] = {
-            "file": "text_encoder.onnx", "weights": "text_encoder.weights", "inputs": t_in, "outputs": t_out,
-            "tokenizer": "clip_tokenizer.json", "max_length": adapter.clip.max_length,
-            "projection_dim": adapter.clip.projection_dim,
-        }
     return manifest

@@ -79,6 +79,11 @@ def plan_jobs(bundle: Path, manifest: dict, target: Target, precision: str, deco
         jobs.append(EngineJob("text_encoder", bundle / te["file"], out_dir / "text_encoder.engine",
                               shapes=shape_strings(text_encoder_profile(te))))
     if decoder:
+        quant = manifest["decoder"].get("quantization")
+        if quant:  # MatMulNBits is an ONNX Runtime contrib op; TensorRT has no parser for it
+            raise VlmpruneError(
+                f"the bundle's decoder is int{quant['bits']} weight-only (ONNX Runtime's MatMulNBits), which TensorRT "
+                "cannot build", "re-export with --decoder-precision fp16 for a TensorRT decoder, or drop --decoder")
         jobs.append(EngineJob("decoder", bundle / manifest["decoder"]["file"], out_dir / "decoder.engine",
                               shapes=decoder_shapes(manifest)))
     return jobs

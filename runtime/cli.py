@@ -17,8 +17,8 @@ def _run_parser() -> argparse.ArgumentParser:
                     "text encoder, vision+prune, prefill, TTFT (from the image to the first token, so it also holds "
                     "tokenising, stitching and sampling), TPOT, and why generation stopped (eos, length, context).")
     p.add_argument("bundle", type=Path, help="bundle folder written by prune-export")
-    p.add_argument("--image", required=True, help="image file, or 'sample' for the built-in test picture")
-    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--image", help="image file, or 'sample' for the built-in test picture (required unless --plan)")
+    p.add_argument("--prompt", help="the question (required unless --plan)")
     p.add_argument("--keep", type=float,
                    help="keep ratio: that bucket, or the smallest bucket keeping at least this (said on stderr); "
                         "default: the bundle's most pruned bucket (smallest keep)")
@@ -26,11 +26,22 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
     p.add_argument("--seed", type=int, help="seed of the sampler, for reproducible sampling (default: random)")
-    p.add_argument("--positions", default="contiguous", choices=["contiguous", "original"],
-                   help="position ids of the kept image tokens")
-    p.add_argument("--provider", help="ONNX Runtime provider (default: TensorRT, CUDA, CPU, whichever is present)")
+    p.add_argument("--positions", choices=["contiguous", "original"],
+                   help="position ids of the kept image tokens (default: the bundle's, from its method: G-Prune "
+                        "LLaVA-NeXT bundles original, the others contiguous)")
+    p.add_argument("--provider", help="ONNX Runtime provider for graphs without an engine (default: TensorRT, CUDA, "
+                                      "CPU, whichever is present; the decoder skips TensorRT unless it is named)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ONNX Runtime's, all cores)")
-    p.add_argument("--engines", help="run the vision graphs on TensorRT engines from prune-build, e.g. trt10-fp16")
+    p.add_argument("--engines", help="run every graph that has a TensorRT engine from prune-build on TensorRT (vision "
+                                     "buckets, text encoder, decoder), e.g. trt10-fp16")
+    p.add_argument("--decoder", default="auto", choices=["auto", "fused", "plain"],
+                   help="LLM decoder: the --engines decoder engine where there is one, else the fused one "
+                        "(decoder_fused.onnx) where the bundle has it and the provider is CPU/CUDA, else the "
+                        "standard-op one (auto, default); fused or plain force that ONNX Runtime decoder")
+    p.add_argument("--plan", action="store_true",
+                   help="print where each stage would run (backend and device) and exit, loading no graph")
+    p.add_argument("--require-gpu", action="store_true",
+                   help="fail instead of warning when a stage would run on the CPU (or there is no NVIDIA GPU)")
     p.add_argument("--verify", default="quick", choices=["quick", "full"],
                    help="bundle check before loading: quick (sizes, small files hashed, a sample digest of large "
                         "ones; default) or full (sha256 of every byte)")
@@ -53,18 +64,37 @@ def _image(arg: str):
 @main_wrapper("prune-run")
 def run_main(argv=None):
     quiet_libraries()
-    args = _run_parser().parse_args(argv)
+    parser = _run_parser()
+    args = parser.parse_args(argv)
     from .sampling import check_generation_args
 
     check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any work or line
-    from .pipeline import Pipeline
+    if args.positions is None:
+        from .anyres_pipeline import default_positions
+
+        args.positions = default_positions(args.bundle, args.verify)
+    if args.plan:
+        return _plan(args)
+    missing = [flag for flag, value in (("--image", args.image), ("--prompt", args.prompt)) if value is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or --plan)")
+    from .anyres_pipeline import AnyresPipeline, open_pipeline
+    from .stages import environment_dict, report_lines
 
     image = _image(args.image)
-    pipe = Pipeline(args.bundle, provider=args.provider, threads=args.threads, positions=args.positions,
-                    engines=args.engines, verify=args.verify)
-    bucket, message = pipe.choose_bucket(args.keep)
+    pipe = open_pipeline(args.bundle, provider=args.provider, threads=args.threads, positions=args.positions,
+                         engines=args.engines, verify=args.verify, decoder=args.decoder, require_gpu=args.require_gpu)
+    if isinstance(pipe, AnyresPipeline):  # LLaVA-NeXT: the image's best pinpoint picks the layout's buckets
+        bucket, message = pipe.choose_bucket_for_image(image, args.keep)
+    else:
+        bucket, message = pipe.choose_bucket(args.keep)
+    stages = pipe.stage_report(bucket)  # as loaded, printed once
+    warnings = pipe.planner.check_devices(stages, args.require_gpu)
     if not args.json:
         print(message, file=sys.stderr)
+        print("\n".join(report_lines(stages, pipe.env)), file=sys.stderr)
+    for line in warnings:
+        print(f"prune-run: {line}", file=sys.stderr)
     stream_to = sys.stderr if args.json else sys.stdout  # --json keeps stdout for the one JSON object
     on_text = (lambda s: print(s, end="", flush=True, file=stream_to)) if args.stream else None
     result = pipe.generate(image, args.prompt, bucket=bucket, max_new_tokens=args.max_new_tokens,
@@ -74,12 +104,34 @@ def run_main(argv=None):
             print(file=sys.stderr)
         out = result.to_dict()
         out["bucket_choice"] = message
+        out["decoder"] = pipe.decoder_kind
+        out["stages"] = [s.to_dict() for s in stages]
+        out["warnings"] = warnings
+        out["environment"] = environment_dict(pipe.env)
         print(json.dumps(out))
     else:
         if on_text is None:
             print(result.text, end="")
         print()
         print(result.timing_line())
+    return 0
+
+
+def _plan(args) -> int:
+    """``--plan``: the stage report of a run with these options, without loading any graph."""
+    from .stages import environment_dict, plan_bundle, report_lines
+
+    plan = plan_bundle(args.bundle, engines=args.engines, provider=args.provider, positions=args.positions,
+                       decoder=args.decoder, keep=args.keep, verify=args.verify, require_gpu=args.require_gpu)
+    if args.json:
+        print(json.dumps({"plan": True, "bucket": plan["bucket"], "bucket_choice": plan["bucket_choice"],
+                          "engines": plan["engines"], "stages": [s.to_dict() for s in plan["stages"]],
+                          "warnings": plan["warnings"], "environment": environment_dict(plan["env"])}))
+    else:
+        print(plan["bucket_choice"])
+        print("\n".join(report_lines(plan["stages"], plan["env"], title="plan")))
+        for line in plan["warnings"]:
+            print(f"prune-run: {line}", file=sys.stderr)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -16,9 +16,12 @@ from vlmprune.bundle import Bundle, bucket_for
 from vlmprune.errors import VlmpruneError
 
 from .backends import OrtBackend, OrtDecoder
+from .fused_decoder import FusedDecoder
+from .gpu import detect_environment
 from .preprocess import Preprocessor, load_image
 from .prompt import PromptBuilder, load_tokenizer
 from .sampling import next_token
+from .stages import Stage, StagePlanner, fused_refusal
 from .stitch import POSITION_MODES, next_position, stitch
 
 
@@ -61,7 +64,8 @@ class Result:
 
 class Pipeline:
     def __init__(self, bundle: str | Path, *, provider: str | None = None, threads: int | None = None,
-                 positions: str = "contiguous", verify: str = "quick", engines: str | None = None):
+                 positions: str = "contiguous", verify: str = "quick", engines: str | None = None,
+                 decoder: str = "auto", require_gpu: bool = False):
         if positions not in POSITION_MODES:
             raise VlmpruneError(f"unknown positions mode {positions!r}", f"choose one of {', '.join(POSITION_MODES)}")
         if threads is not None and threads < 1:
@@ -85,46 +89,106 @@ class Pipeline:
             raise VlmpruneError(f"{emb['file']} is {self.table.dtype.name} {list(self.table.shape)}, the manifest says "
                                 f"{emb['dtype']} {emb['shape']}", "re-export")
         self.decoder_spec = m["decoder"]
-        self.decoder = OrtDecoder(self._backend(m["decoder"]["file"]), m["decoder"])
+        self.engines = None
+        if engines is not None:  # TensorRT engines from prune-build (every graph that has one), verified like the bundle
+            self.engines = self.bundle.engines(engines)
+        # Where each stage runs: one plan, shared with `prune-run --plan` (stages.py), built exactly as planned.
+        self.env = detect_environment()
+        self.planner = StagePlanner(m, self.engines, self.env, provider=provider, positions=positions, decoder=decoder)
+        if require_gpu:  # refused before anything large is loaded; the vision graph is checked in stage_report
+            self.planner.check_devices([self.planner.text_encoder(), self.planner.decoder()], require_gpu=True)
+        self.decoder = self._make_decoder(decoder)
         self.num_patches = m["vision"]["view"]["num_patches"]
         self._vision: dict[str, OrtBackend] = {}
-        self.engines = None
-        if engines is not None:  # TensorRT engines from prune-build for the vision graphs, verified like the bundle
-            self.engines = self.bundle.engines(engines)
         self._text = None
         if m["text_encoder"]:
             self._clip_tokenizer = load_tokenizer(self.bundle.path(m["text_encoder"]["tokenizer"]), "CLIP tokenizer")
 
-    def _backend(self, file: str) -> OrtBackend:
-        return OrtBackend(self.bundle.path(file), self.provider, self.threads)
+    def _backend(self, file: str, decoder_loop: bool = False, stage: Stage | None = None) -> OrtBackend:
+        return OrtBackend(self.bundle.path(file), self.provider, self.threads, decoder_loop=decoder_loop,
+                          providers=stage.providers if stage else None,
+                          provider_options=stage.provider_options if stage else None)
+
+    def _make_decoder(self, choice: str):
+        """The decoder engine where ``--engines`` has one (TensorRT, the KV cache kept on the device); else the fused
+        decoder (``decoder_fused``) where the bundle has one and ONNX Runtime runs it on this provider with these
+        positions; the standard-op ``decoder`` otherwise (the TensorRT provider, gapped positions). ``choice``: auto,
+        fused or plain (both of which keep the decoder on ONNX Runtime)."""
+        stage = self.planner.decoder()  # also refuses an impossible choice == "fused"
+        if stage.backend == "tensorrt":
+            from . import trt_decoder
+
+            self.decoder_kind, self.decoder_note, self.decoder_stage = "tensorrt", None, stage
+            return trt_decoder.load_trt_decoder(self.engines.path(stage.engine), self.engines.meta,
+                                                self.manifest["decoder"])
+        fused = self.manifest.get("decoder_fused")
+        why_not = fused_refusal(self.manifest, choice, self.positions, stage.providers[0])
+        if why_not is None:
+            try:
+                backend = self._backend(fused["file"], decoder_loop=True, stage=stage)
+            except VlmpruneError as exc:  # e.g. an ONNX Runtime older than the graph's opset or contrib ops
+                if choice == "fused":
+                    raise
+                why_not = f"this ONNX Runtime cannot load it ({exc.problem[:120]})"
+                stage = replace(stage, file=self.manifest["decoder"]["file"], kind="plain",
+                                detail=f"KV cache as OrtValues (I/O binding); not fused: {why_not}")
+            else:
+                self.decoder_kind, self.decoder_note = "fused", None
+                self.decoder_stage = stage.observed(backend.providers)
+                return FusedDecoder(backend, fused)
+        self.decoder_kind, self.decoder_note = "plain", why_not
+        backend = self._backend(self.manifest["decoder"]["file"], decoder_loop=True, stage=stage)
+        self.decoder_stage = stage.observed(backend.providers)
+        return OrtDecoder(backend, self.manifest["decoder"])
 
     def vision_backend(self, bucket: dict) -> OrtBackend:
         if bucket["name"] not in self._vision:  # one bucket's session at a time is what an edge box can afford
-            if self.engines is not None:
-                from .trt_backend import TrtBackend
+            stage = self.planner.vision(bucket)  # refuses engines without this bucket's
+            if stage.backend == "tensorrt":
+                from . import trt_backend
 
-                rel = self.engines.meta["files"].get(bucket["name"])
-                if rel is None:
-                    raise VlmpruneError(f"engines {self.engines.folder.name} have no engine for bucket {bucket['name']}",
-                                        "rebuild them with prune-build, or run without --engines")
-                self._vision[bucket["name"]] = TrtBackend(self.engines.path(rel), self.engines.meta)
+                self._vision[bucket["name"]] = trt_backend.TrtBackend(self.engines.path(stage.engine), self.engines.meta)
             else:
-                self._vision[bucket["name"]] = self._backend(bucket["file"])
+                self._vision[bucket["name"]] = self._backend(bucket["file"], stage=stage)
         return self._vision[bucket["name"]]
+
+    def text_backend(self):
+        """The text encoder's backend: its TensorRT engine where ``--engines`` has one, else ONNX Runtime."""
+        if self._text is None:
+            stage = self.planner.text_encoder()
+            if stage.backend == "tensorrt":
+                from . import trt_backend
+
+                self._text = trt_backend.TrtBackend(self.engines.path(stage.engine), self.engines.meta)
+            else:
+                self._text = self._backend(self.manifest["text_encoder"]["file"], stage=stage)
+        return self._text
 
     def prepare(self, bucket: dict) -> None:
         """Open the sessions a request on this bucket needs, so that per-request timings exclude loading."""
         self.vision_backend(bucket)
-        if self.manifest["text_encoder"] and self._text is None:
-            self._text = self._backend(self.manifest["text_encoder"]["file"])
+        if self.manifest["text_encoder"]:
+            self.text_backend()
+
+    def stage_report(self, bucket: dict) -> list[Stage]:
+        """Where each stage of a request on ``bucket`` runs, as loaded: ONNX Runtime stages say the providers their
+        sessions really have (a GPU provider whose libraries failed to load is gone from them)."""
+        self.prepare(bucket)
+        stages = self.planner.plan(bucket)
+        loaded = {"text_encoder": self._text, "vision": self._vision[bucket["name"]]}
+        for i, stage in enumerate(stages):
+            if stage.stage == "decoder":
+                stages[i] = self.decoder_stage
+            elif stage.backend == "onnxruntime" and loaded.get(stage.stage) is not None:
+                stages[i] = stage.observed(loaded[stage.stage].providers)
+        return stages
 
     def choose_bucket(self, keep: float | None) -> tuple[dict, str]:
         return bucket_for(self.manifest, keep)
 
     def text_embeds(self, prompt: str) -> np.ndarray:
         spec = self.manifest["text_encoder"]
-        if self._text is None:
-            self._text = self._backend(spec["file"])
+        self.text_backend()
         enc = self._clip_tokenizer.encode(prompt, add_special_tokens=True)
         ids = enc.ids
         if len(ids) > spec["max_length"]:  # CLIP's 77-token window: keep the start and the end-of-text token
@@ -207,6 +271,8 @@ class Pipeline:
         emitted = ""
         stop = "length" if budget == max_new_tokens else "context"
         t_first = None
+        step_position = np.zeros((1, 1), np.int64)
+        rows = self.table.view(np.ndarray)  # the same mapped table; indexing a plain array skips np.memmap's overhead
         while True:
             token = next_token(logits, temperature, top_p, rng)
             if t_first is None:
@@ -223,8 +289,8 @@ class Pipeline:
                     emitted = text
             if len(generated) >= budget:
                 break
-            step_embeds = self.table[[token]][None]
-            logits = self.decoder.step(step_embeds, np.asarray([[next_pos]], np.int64))
+            step_position[0, 0] = next_pos  # views and a preallocated position: nothing allocated per token
+            logits = self.decoder.step(rows[token][None, None], step_position)
             next_pos += 1
         end = time.perf_counter()
         t.total_ms = (end - start) * 1e3

@@ -42,7 +42,7 @@ def test_every_method_exports_two_buckets_and_validates(bundles, name):
     checks = result.validation["checks"]
     index_checks = [c for c in checks if c["output"] == "kept_indices"]
     assert len(index_checks) == 2 * len(ks) and all(c["indices_equal"] for c in index_checks)
-    assert any(c["graph"] == "decoder.onnx" and c["case"] == "step with cache" for c in checks)
+    assert any(c["graph"] == "decoder.onnx" and c["case"] == "steps with cache" and c["passed"] for c in checks)
     assert json.loads((result.path / "validation.json").read_text())["passed"]
     for bucket in manifest["vision"]["buckets"]:
         sess = ort.InferenceSession(str(result.path / bucket["file"]), providers=["CPUExecutionProvider"])
@@ -117,6 +117,8 @@ def test_target_trt85_writes_opset_16_and_passes_its_lint(tmp_path):
     result = export_bundle(ExportRequest(method="gridprune", keeps=[0.25], out=tmp_path / "b", target="trt8.5"),
                            Steps(quiet=True))
     for f in result.path.glob("*.onnx"):
+        if f.name == "decoder_fused.onnx":  # ONNX Runtime's decoder (its builder's opset), not a TensorRT input
+            continue
         model = onnx.load(str(f), load_external_data=False)
         assert {o.domain: o.version for o in model.opset_import}[""] == 16
         assert model.ir_version <= 8
@@ -177,8 +179,8 @@ def test_failed_validation_publishes_nothing(tmp_path, monkeypatch):
 
     real = exporter.summarise
 
-    def failing(checks, precision):
-        summary = real(checks, precision)
+    def failing(checks, precision, decoder=None):
+        summary = real(checks, precision, decoder)
         summary["passed"] = False
         summary["checks"][0]["passed"] = False
         return summary
@@ -195,7 +197,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(exporter, "externalize", interrupt)
+    monkeypatch.setattr(exporter, "save_graph", interrupt)
     with pytest.raises(KeyboardInterrupt):
         export_bundle(ExportRequest(method="fopru", keeps=[0.25], out=tmp_path / "b"), Steps(quiet=True))
     assert list(tmp_path.iterdir()) == []

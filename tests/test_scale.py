@@ -69,7 +69,8 @@ def test_export_and_run_at_every_decoder_precision(checkpoint, precision, tmp_pa
     summary = _run("vlmprune.export.cli:main", ["--model", str(checkpoint), "--method", "fopru", "--keep", "0.25",
                     "--decoder-precision", precision, "--out", str(out), "--quiet"])
     assert summary["validation_passed"] is True
-    weights = sum((out / f).stat().st_size for f in ("vision.weights", "decoder.weights", "embed_tokens.npy"))
+    # every tensor byte the export wrote: vision, decoder(s) (the fused ONNX Runtime one too), embedding table
+    weights = sum(p.stat().st_size for p in [*out.glob("*.weights"), out / "embed_tokens.npy"])
     ratio = summary["peak_rss_mb"] * 2**20 / weights
     validation = json.loads((out / "validation.json").read_text())["decoder"]
     run = _run("vlmprune.runtime.cli:run_main", [str(out), "--image", "sample", "--prompt", "What is next to the house?",
@@ -80,6 +81,7 @@ def test_export_and_run_at_every_decoder_precision(checkpoint, precision, tmp_pa
         "weights_bytes": weights,
         "peak_rss_over_weights": round(ratio, 2),
         "decoder_bytes": (out / "decoder.weights").stat().st_size + (out / "decoder.onnx").stat().st_size,
+        "fused_decoder_bytes": sum(p.stat().st_size for p in out.glob("decoder_fused.*")),
         "prefill_ms": run["timings"]["prefill_ms"],
         "ttft_ms": run["timings"]["ttft_ms"],
         "tpot_ms": run["timings"]["tpot_ms"],
