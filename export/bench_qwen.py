@@ -111,7 +111,7 @@ def run_qwen_bench(args) -> dict:
                     steps.log(f"  {row['k']}/{row['visual_tokens_total']} image tokens: TTFT {row['ttft_ms']:.1f} ms, "
                               f"prefill {row['prefill_ms']:.1f} ms, vision+prune {row['vision_prune_ms']:.1f} ms "
                               f"(x{row['prune_overhead']:.3f} of unpruned), TPOT {row['tpot_ms']:.2f} ms")
-            del pipe
+            pipe = None  # the next method's sessions replace these
     finally:
         shutil.rmtree(work, ignore_errors=True)
     skipped = "skipped: not run for Qwen2.5-VL models"

@@ -1,12 +1,16 @@
 """Qwen2.5-VL: the family in the registry, the tiny preset's geometry, the static-size encoder against
-transformers' own forward, and the torch-free preprocessing against the Qwen2-VL image processor."""
+transformers' own forward, the torch-free preprocessing against the Qwen2-VL image processor, every method against
+the spec on the library's forward and in ONNX Runtime, the M-RoPE positions against get_rope_index, the torch-free
+runtime's greedy output against generate (keep 1.0) and a transformers loop (pruned), the bench rows, and a
+checkpoint in the published layout."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from vlmprune.errors import VlmpruneError
 from vlmprune.models.registry import families, family_for
@@ -459,3 +463,68 @@ def test_bench_rows_measure_ttft_against_keep(tmp_path):
         assert row["prompt_tokens"] == report["rows"][0]["prompt_tokens"] - 256 + row["k"]
     assert "runtime TPOT / bare decoder step (worst)" in {t["target"] for t in report["targets"]}
     assert list(tmp_path.iterdir()) == []  # the bench's own export folders are gone
+
+
+def _legacy_checkpoint(preset: Path, dst: Path) -> Path:
+    """The preset rewritten the way the published Qwen2.5-VL checkpoints are laid out (Qwen/Qwen2.5-VL-3B-Instruct):
+    a flat pre-5.x config.json (text fields at the top, ``rope_scaling`` of type ``mrope``), the 4.x tensor names
+    (``visual.*``, ``model.layers.*``), tied input/output embeddings, bf16 weights."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
+              "generation_config.json"):
+        shutil.copy(preset / f, dst / f)
+    c = json.loads((preset / "config.json").read_text())
+    t, v = c["text_config"], c["vision_config"]
+    flat = {k: t[k] for k in ("hidden_size", "intermediate_size", "max_position_embeddings", "num_attention_heads",
+                              "num_hidden_layers", "num_key_value_heads", "vocab_size", "eos_token_id")}
+    legacy = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", **flat,
+        "bos_token_id": None, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 70, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+        "rope_scaling": {"type": "mrope", "mrope_section": t["rope_parameters"]["mrope_section"]},
+        **{k: c[k] for k in ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id")},
+        "vision_config": {**{k: v[k] for k in ("depth", "hidden_size", "intermediate_size", "num_heads",
+                                               "out_hidden_size", "patch_size", "spatial_merge_size", "window_size",
+                                               "fullatt_block_indexes", "temporal_patch_size")},
+                          "hidden_act": "silu", "in_chans": 3, "spatial_patch_size": 14, "tokens_per_second": 2},
+    }
+    (dst / "config.json").write_text(json.dumps(legacy))
+    renamed = {}
+    for key, value in load_file(preset / "model.safetensors").items():
+        if key == "lm_head.weight":
+            continue  # tied to the input embeddings
+        key = key.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
+        renamed[key] = value.to(torch.bfloat16)
+    save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_published_checkpoint_layout_loads_and_matches_generate(tmp_path):
+    """A checkpoint in the published layout loads strictly (legacy config, 4.x names, tied embeddings, bf16) and its
+    export runs in the torch-free runtime with generate's greedy tokens."""
+    from transformers import GenerationConfig
+
+    from vlmprune.export.qwen_export import export_qwen_folder
+    from vlmprune.models import ensure_preset, load_model
+    from vlmprune.models.loading import checkpoint_dtype
+    from vlmprune.runtime.qwen_pipeline import QwenPipeline
+
+    folder = _legacy_checkpoint(ensure_preset(PRESET), tmp_path / "Qwen2.5-VL-tiny")
+    assert checkpoint_dtype(folder) == "BF16"
+    adapter = load_model(str(folder))  # strict: nothing missing, unexpected or mis-shaped
+    assert adapter.model.config.tie_word_embeddings and adapter.mrope_section == (4, 6, 6)
+    assert adapter.model.lm_head.weight.data_ptr() == adapter.model.get_input_embeddings().weight.data_ptr()
+    export_qwen_folder(str(folder), tmp_path / "export", "none", keeps=[1.0])
+    image = make_sample_image(448, 448)
+    ours = QwenPipeline(tmp_path / "export").generate(image, PROMPT, "none-448x448-k256", max_new_tokens=12,
+                                                      ignore_eos=True)
+    inputs = _library_inputs(adapter, image)
+    out = adapter.model.generate(**inputs, generation_config=GenerationConfig(
+        max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=adapter.tokenizer.pad_token_id))
+    assert ours.tokens == out[0, inputs["input_ids"].shape[1]:].tolist()
