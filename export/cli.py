@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="CLIP model for GridPrune's text tower (a preset brings its own)")
     p.add_argument("--layouts", help="LLaVA-NeXT: pinpoint layouts (crop grids, rows x cols) that get vision graphs, "
                                      "comma-separated, e.g. 2x2,1x2 (default: all of the checkpoint's pinpoints)")
+    p.add_argument("--image-size", help="Qwen2.5-VL: the vision graphs' static image size HxW, each side a "
+                                        "multiple of 28 (default: 448x448, 256 merged tokens)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation against PyTorch")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
@@ -112,6 +114,7 @@ def main(argv=None):
         clip=args.clip,
         trust_remote_code=args.trust_remote_code,
         layouts=[part.strip() for part in args.layouts.split(",") if part.strip()] if args.layouts else None,
+        image_sizes=_image_sizes(args.image_size),
     )
     steps = Steps(quiet=args.quiet)
     result = export_bundle(req, steps)
@@ -146,6 +149,14 @@ def main(argv=None):
                           f"(this one has: {', '.join(rules)})")
         print(f"bundle: {result.path}  ({summary['seconds']}s)", file=sys.stdout)
     return 0
+
+
+def _image_sizes(text):
+    if not text:
+        return None
+    from vlmprune.models.qwen2_5_vl import parse_image_size
+
+    return [parse_image_size(part.strip()) for part in text.split(",") if part.strip()]
 
 
 if __name__ == "__main__":

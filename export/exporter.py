@@ -54,6 +54,7 @@ class ExportRequest:
     trust_remote_code: bool = False
     fused_decoder: bool | None = None  # ONNX Runtime's fused decoder too; None: when onnxruntime-genai is installed
     layouts: list[str] | None = None  # anyres families: the pinpoint layouts that get graphs (None: all)
+    image_sizes: list[tuple[int, int]] | None = None  # Qwen2.5-VL: the static image size (None: 448x448)
 
 
 @dataclass
@@ -145,6 +146,12 @@ def _export(req: ExportRequest, steps: Steps, spec, target, options, out: Path, 
         from .anyres_export import plan_anyres
 
         buckets = plan_anyres(spec, options, adapter, req.keeps, req.tokens, req.layouts)
+    elif _qwen(adapter):  # Qwen2.5-VL: buckets at a static image size (export/qwen_export.py)
+        from .qwen_export import plan_qwen
+
+        if req.image_sizes and len(set(map(tuple, req.image_sizes))) > 1:
+            raise VlmpruneError("a bundle holds one image size for now", "give one --image-size, e.g. 448x448")
+        buckets = plan_qwen(spec, options, adapter, req.keeps, req.tokens, req.image_sizes)
     else:
         buckets = plan_buckets(spec, options, view.num_patches, view.grid, req.keeps, req.tokens)
     needs_text = "text" in spec.needs
@@ -205,6 +212,8 @@ def _build(req, adapter, spec, options, buckets: list[Bucket], target, needs_tex
         vision_fn = export_vision
         if _anyres(adapter):
             from .anyres_export import export_anyres_vision as vision_fn
+        elif _qwen(adapter):
+            from .qwen_export import export_qwen_vision as vision_fn
         vision_records, lint = vision_fn(req, adapter, buckets, target, needs_text, text_embeds, tmp, scratch,
                                              steps, checks)
         if text_module is not None:
@@ -250,8 +259,17 @@ def _build(req, adapter, spec, options, buckets: list[Bucket], target, needs_tex
         from .anyres_export import anyres_manifest
 
         anyres_manifest(manifest, adapter, spec, tmp)
+    if _qwen(adapter):
+        from .qwen_export import qwen_manifest
+
+        qwen_manifest(manifest, adapter, spec)
     write_manifest(tmp, manifest)
     return ExportResult(tmp, manifest, validation, dict(steps.timings))
+
+
+def _qwen(adapter) -> bool:
+    family = getattr(adapter, "family", None)
+    return family is not None and family.model_type == "qwen2_5_vl"
 
 
 def _anyres(adapter) -> bool:
@@ -360,6 +378,28 @@ def export_text_encoder(req, adapter, module, target, tmp: Path, scratch: Path, 
     return record, lint
 
 
+def _drop_checkpoint_pages() -> None:
+    """Let the kernel drop the resident pages of the memory-mapped checkpoint shards (transformers maps safetensors
+    and uses the mapping as the weights when the dtype matches). Tracing touched every page, so without this the
+    whole decoder stays in this process's RSS while validation maps the exported copy too: 13.5 GB twice for a 7B
+    model. The mappings are private and the weights are never written, so MADV_DONTNEED only discards clean pages,
+    which read back from the file (the page cache) when the fp32 reference next needs them. Linux only."""
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for line in maps:
+        fields = line.split()
+        if len(fields) >= 6 and fields[-1].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(start, end - start, getattr(mmap, "MADV_DONTNEED", 4))
+
+
 def _release_vision(adapter) -> None:
     """Drop the vision tower's and projector's weights (their graphs are written and validated)."""
     for part in ("model.vision_tower", "model.multi_modal_projector"):
@@ -372,11 +412,22 @@ def _release_vision(adapter) -> None:
     _trim()
 
 
+def _decoder_module(adapter):
+    """The decoder graph and its dynamic axes: M-RoPE families (``decoder_io.position_rank`` 3) take
+    ``position_ids [3, B, S]``."""
+    family = getattr(adapter, "family", None)
+    if family is not None and family.decoder_io.position_rank == 3:
+        from .qwen_decoder import QwenDecoderGraph, qwen_decoder_axes
+
+        return QwenDecoderGraph(adapter).eval(), qwen_decoder_axes(adapter.text.num_layers)
+    return DecoderGraph(adapter).eval(), decoder_dynamic_axes(adapter.text.num_layers)
+
+
 def export_decoder(req, adapter, target, tmp: Path, scratch: Path, steps: Steps,
                    checks: list) -> tuple[dict, dict, dict | None]:
     """The KV-cache decoder in its precision: fp32/fp16 as traced, int8/int4 weight-only (MatMulNBits)."""
     precision = req.decoder_precision
-    decoder = DecoderGraph(adapter).eval()
+    decoder, axes = _decoder_module(adapter)
     dtype = next(decoder.lm.parameters()).dtype
     float_name = "float16" if dtype == torch.float16 else "float32"
     text = adapter.text
@@ -385,7 +436,7 @@ def export_decoder(req, adapter, target, tmp: Path, scratch: Path, steps: Steps,
         names_in, names_out = decoder_io_names(text.num_layers)
         model = export_onnx(decoder, decoder.example_inputs(dtype=dtype), scratch / "decoder.onnx",
                             input_names=names_in, output_names=names_out,
-                            dynamic_axes=decoder_dynamic_axes(text.num_layers), opset=target.opset,
+                            dynamic_axes=axes, opset=target.opset,
                             weights_as_inputs=True)
         params = dict(decoder.named_parameters())
         if precision in BITS:  # float weights go to scratch; the quantizer reads them from there one at a time
@@ -407,6 +458,7 @@ def export_decoder(req, adapter, target, tmp: Path, scratch: Path, steps: Steps,
         del model
         np.save(tmp / "embed_tokens.npy", adapter.embedding_table().detach().numpy())
         _trim()
+        _drop_checkpoint_pages()
     summary = None
     if req.validate:
         with steps.step(f"validate decoder.onnx ({precision}, {GREEDY_TOKENS} greedy tokens against fp32 PyTorch)"):

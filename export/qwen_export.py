@@ -248,3 +248,11 @@ def export_qwen_folder(model: str, out: Path, method: str, *, keeps=(), tokens=(
     finally:
         remove_temp(tmp)
     return qwen
+
+
+def qwen_manifest(manifest: dict, adapter, spec) -> None:
+    """The Qwen-specific parts of a bundle manifest: the auxiliary CLIP's preprocessing (GridPrune) and the default
+    positions of the method (the runtime computes the M-RoPE positions from the buckets' grid and these)."""
+    if "text" in spec.needs:
+        manifest["auxiliary_clip"] = adapter.clip_constants()
+    manifest["prompt"]["positions"] = DEFAULT_POSITIONS.get(spec.name, "original")

@@ -176,14 +176,17 @@ def _ort_greedy(sess, prompt: np.ndarray, table, tokens: int) -> tuple[list[np.n
     types = {i.name: i.type for i in sess.get_inputs()}
     float_t = np.float16 if types["inputs_embeds"] == "tensor(float16)" else np.float32
     kv_input = next(i for i in sess.get_inputs() if i.name.startswith("past_key_values."))
+    rank = len(next(i for i in sess.get_inputs() if i.name == "position_ids").shape)
     kv_t = np.float16 if kv_input.type == "tensor(float16)" else np.float32
     cache = [np.zeros((1, kv_input.shape[1], 0, kv_input.shape[3]), kv_t) for _ in names[3:]]
     outputs = ["logits", *[o.name for o in sess.get_outputs() if o.name.startswith("present.")]]
     logits_rows, path, length, x = [], [], 0, prompt
     for _ in range(tokens):
         seq = x.shape[1]
-        feeds = dict(zip(names, [x.astype(float_t), np.ones((1, length + seq), np.int64),
-                                 np.arange(length, length + seq, dtype=np.int64)[None], *cache]))
+        positions = np.arange(length, length + seq, dtype=np.int64)[None]
+        if rank == 3:  # M-RoPE (Qwen2.5-VL): a text-only prompt has the same position on all three axes
+            positions = np.ascontiguousarray(np.broadcast_to(positions, (3, 1, seq)))
+        feeds = dict(zip(names, [x.astype(float_t), np.ones((1, length + seq), np.int64), positions, *cache]))
         out = sess.run(outputs, feeds)
         cache, length = out[1:], length + seq
         logits = out[0][0].astype(np.float32)

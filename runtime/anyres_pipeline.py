@@ -37,6 +37,10 @@ def open_pipeline(bundle: str | Path, *, positions: str | None = None, **kwargs)
     positions = positions or manifest["prompt"].get("positions", "contiguous")
     if manifest["prompt"].get("stitch") == "anyres_raster":
         return AnyresPipeline(bundle, positions=positions, **kwargs)
+    if manifest["preprocessing"].get("kind") == "qwen2_vl":  # Qwen2.5-VL: M-RoPE positions (qwen_bundle.py)
+        from .qwen_bundle import QwenBundlePipeline
+
+        return QwenBundlePipeline(bundle, positions=positions, **kwargs)
     return Pipeline(bundle, positions=positions, **kwargs)
 
 

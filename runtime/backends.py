@@ -119,7 +119,9 @@ class OrtDecoder:
         types = backend.inputs
         self.mask = np.ones((1, spec["max_context"]), types["attention_mask"])
         self.step_embeds = np.zeros((1, 1, spec["hidden_size"]), types["inputs_embeds"])
-        self.step_position = np.zeros((1, 1), types["position_ids"])
+        # [B, S] positions, or M-RoPE's [3, B, S] (Qwen2.5-VL): a generated token has one position on all three axes
+        rank = len(next(i for i in self.session.get_inputs() if i.name == "position_ids").shape)
+        self.step_position = np.zeros((3, 1, 1) if rank == 3 else (1, 1), types["position_ids"])
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
         logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
         self.logits = np.zeros((1, 1, spec["vocab_size"]), logits_dtype)
@@ -144,7 +146,8 @@ class OrtDecoder:
         binding = self.binding
         if seq == 1:
             np.copyto(self.step_embeds, embeds, casting="same_kind")
-            np.copyto(self.step_position, positions.reshape(1, 1), casting="same_kind")
+            np.copyto(self.step_position, positions.reshape(-1, 1, 1) if self.step_position.ndim == 3
+                      else positions.reshape(1, 1), casting="same_kind")
             x, pos = self.step_embeds, self.step_position
         else:
             x = self._prefill = np.ascontiguousarray(embeds, self.step_embeds.dtype)

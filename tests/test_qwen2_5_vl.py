@@ -528,3 +528,40 @@ def test_published_checkpoint_layout_loads_and_matches_generate(tmp_path):
     out = adapter.model.generate(**inputs, generation_config=GenerationConfig(
         max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=adapter.tokenizer.pad_token_id))
     assert ours.tokens == out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_prune_export_bundle_runs_in_prune_run(qwen, qwen_folder, tmp_path, capsys):
+    """prune-export writes a Qwen2.5-VL bundle (manifest v2: the family, an M-RoPE decoder validated over 32 greedy
+    tokens, the auxiliary CLIP's constants, the method's positions) and prune-run's pipeline generates from it the
+    tokens of the folder runtime above (itself equal to generate at keep 1.0)."""
+    from vlmprune.export.exporter import ExportRequest, export_bundle
+    from vlmprune.export.progress import Steps
+    from vlmprune.runtime.anyres_pipeline import open_pipeline
+    from vlmprune.runtime.cli import run_main
+    from vlmprune.runtime.qwen_bundle import QwenBundlePipeline
+    from vlmprune.runtime.qwen_pipeline import QwenPipeline
+
+    out = tmp_path / "bundle"
+    result = export_bundle(ExportRequest(model=PRESET, method="gridprune", keeps=[0.25], out=out,
+                                         image_sizes=[(448, 448)]), Steps(quiet=True))
+    m = result.manifest
+    assert result.validation["passed"] and m["model"]["family"]["model_type"] == "qwen2_5_vl"
+    assert m["preprocessing"]["kind"] == "qwen2_vl" and m["auxiliary_clip"]["size"] == 336
+    assert next(i["shape"] for i in m["decoder"]["inputs"] if i["name"] == "position_ids")[0] == 3
+    assert [b["name"] for b in m["vision"]["buckets"]] == ["none-448x448-k256", "gridprune-448x448-k64"]
+    assert m["prompt"]["positions"] == "original"
+    pipe = open_pipeline(out)
+    assert isinstance(pipe, QwenBundlePipeline) and pipe.positions == "original"
+    folder = QwenPipeline(qwen_folder)
+    image = make_sample_image(500, 400)
+    for bucket in m["vision"]["buckets"]:
+        ours = pipe.generate(image, PROMPT, bucket=bucket, max_new_tokens=16, ignore_eos=True)
+        ref = folder.generate(image, PROMPT, bucket["name"], max_new_tokens=16, positions="original",
+                              ignore_eos=True)
+        assert ours.token_ids == ref.tokens and ours.kept_indices == ref.kept_indices.tolist()
+        assert ours.visual_tokens_kept == bucket["k"] and ours.prompt_tokens == ref.prompt_length
+    with pytest.raises(SystemExit) as exit_code:
+        run_main([str(out), "--image", "sample", "--prompt", PROMPT, "--keep", "0.25", "--max-new-tokens", "4",
+                  "--positions", "contiguous"])
+    assert exit_code.value.code == 0
+    assert "64/256 visual tokens" in capsys.readouterr().out

@@ -1,0 +1,129 @@
+"""Qwen2.5-VL bundles (``prune-export`` with a ``qwen2_5_vl`` model) in the generic runtime: the ``Pipeline`` with
+Qwen's preprocessing (``qwen_preprocess``), the auxiliary CLIP's inputs for GridPrune, the kept tokens stitched
+with their M-RoPE positions (``qwen_positions``) and the decoder stepped with ``position_ids [3, 1, 1]``.
+``prune-run`` reaches it through ``anyres_pipeline.open_pipeline`` (the manifest's ``preprocessing.kind``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from vlmprune.bundle import load_manifest
+from vlmprune.errors import VlmpruneError
+
+from .pipeline import Pipeline, Result, Timings
+from .preprocess import load_image
+from .qwen_positions import MODES, stitch_qwen
+from .qwen_preprocess import QwenPreprocessor, clip_view
+from .sampling import check_generation_args, next_token
+
+
+class QwenBundlePipeline(Pipeline):
+    def __init__(self, bundle: str | Path, *, positions: str | None = None, **kwargs):
+        if kwargs.get("engines") is not None:
+            raise VlmpruneError("TensorRT engines for Qwen2.5-VL bundles (an M-RoPE decoder) are not supported yet",
+                                "run the bundle on ONNX Runtime (leave out --engines)")
+        if positions is None:  # the method's default, recorded at export
+            positions = load_manifest(bundle, verify=kwargs.get("verify", "quick"))["prompt"].get("positions",
+                                                                                                  "original")
+        if positions not in MODES:
+            raise VlmpruneError(f"unknown positions mode {positions!r}", f"choose one of {', '.join(MODES)}")
+        super().__init__(bundle, positions=positions, **kwargs)
+        m = self.manifest
+        if m["preprocessing"].get("kind") != "qwen2_vl":
+            raise VlmpruneError(f"bundle {self.folder} is not a Qwen2.5-VL bundle", "use Pipeline")
+        rank = next((len(i["shape"]) for i in m["decoder"]["inputs"] if i["name"] == "position_ids"), 0)
+        if rank != 3:
+            raise VlmpruneError(f"bundle {self.folder}: its decoder takes position_ids of rank {rank}, not M-RoPE's 3",
+                                "re-export the bundle")
+        self.qwen_preprocess = QwenPreprocessor(m["preprocessing"])
+        self.grid = tuple(m["vision"]["view"]["grid"])
+        self.clip_constants = m.get("auxiliary_clip")
+
+    def _vision_feeds(self, pixels: np.ndarray, image: Image.Image, bucket: dict, prompt: str, t: Timings) -> dict:
+        feeds = {"pixel_values": pixels}
+        if any(i["name"] == "text_embeds" for i in bucket["inputs"]):  # GridPrune: the auxiliary CLIP's inputs
+            if not self.clip_constants:
+                raise VlmpruneError("the bundle's GridPrune graph needs its auxiliary_clip block, which is missing",
+                                    "re-export the bundle")
+            t0 = time.perf_counter()
+            feeds["clip_pixel_values"] = clip_view(image, self.clip_constants)
+            t1 = time.perf_counter()
+            feeds["text_embeds"] = self.text_embeds(prompt)
+            t.preprocess_ms += (t1 - t0) * 1e3
+            t.text_encoder_ms = (time.perf_counter() - t1) * 1e3
+        return feeds
+
+    def generate(self, image: Image.Image | str | Path, prompt: str, *, keep: float | None = None,
+                 bucket: dict | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, on_text: Callable[[str], None] | None = None,
+                 ignore_eos: bool = False) -> Result:
+        check_generation_args(max_new_tokens, temperature, top_p, seed)
+        if bucket is None:
+            bucket, _ = self.choose_bucket(keep)
+        self.prepare(bucket)
+        start = time.perf_counter()
+        t = Timings()
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        pixels = self.qwen_preprocess(image)
+        t.preprocess_ms = (time.perf_counter() - start) * 1e3
+        ids = self.prompt.encode(prompt)
+        feeds = self._vision_feeds(pixels, image, bucket, prompt, t)
+        t0 = time.perf_counter()
+        out = self.vision_backend(bucket).run(feeds)
+        t.vision_ms = (time.perf_counter() - t0) * 1e3
+        kept = out["kept_indices"].astype(np.int64)[0]
+        embeds, positions, next_pos = stitch_qwen(ids, self.prompt.image_token_id, self.table, out["image_embeds"],
+                                                  kept, self.grid, self.positions)
+        max_ctx = self.decoder_spec["max_context"]
+        if next_pos >= max_ctx:  # the last position id counts (original positions leave gaps), not the token count
+            raise VlmpruneError(f"the prompt's position ids reach {next_pos - 1}, past the model's context of "
+                                f"{max_ctx}", "shorten the prompt or use a bucket with fewer visual tokens (--keep)")
+        budget = min(max_new_tokens, max_ctx - next_pos)
+        rng = np.random.default_rng(seed)
+        eos = self.decoder_spec.get("eos_token_id")
+        self.decoder.reset()
+        t0 = time.perf_counter()
+        logits = self.decoder.step(embeds, positions)
+        t.prefill_ms = (time.perf_counter() - t0) * 1e3
+        generated: list[int] = []
+        emitted = ""
+        stop = "length" if budget == max_new_tokens else "context"
+        t_first = None
+        step_position = np.zeros((3, 1, 1), np.int64)
+        rows = self.table.view(np.ndarray)
+        while True:
+            token = next_token(logits, temperature, top_p, rng)
+            if t_first is None:
+                t_first = time.perf_counter()
+                t.ttft_ms = (t_first - start) * 1e3
+            if token == eos and not ignore_eos:
+                stop = "eos"
+                break
+            generated.append(token)
+            if on_text is not None:
+                text = self.prompt.decode(generated)
+                if len(text) > len(emitted) and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+                    on_text(text[len(emitted):])
+                    emitted = text
+            if len(generated) >= budget:
+                break
+            step_position[:] = next_pos  # one position on all three axes, as generate continues after the prompt
+            logits = self.decoder.step(rows[token][None, None], step_position)
+            next_pos += 1
+        end = time.perf_counter()
+        t.total_ms = (end - start) * 1e3
+        after_first = max(0, len(generated) - 1) if stop != "eos" else len(generated)
+        t.tpot_ms = (end - t_first) * 1e3 / after_first if after_first else 0.0
+        text = self.prompt.decode(generated)
+        if on_text is not None and len(text) > len(emitted):
+            on_text(text[len(emitted):])
+        return Result(text=text, token_ids=generated, bucket=bucket["name"], keep=bucket["keep"],
+                      visual_tokens_kept=int(bucket["k"]), visual_tokens_total=self.num_patches,
+                      prompt_tokens=int(embeds.shape[1]), tokens_generated=len(generated), stop_reason=stop,
+                      kept_indices=kept.tolist(), timings=t)
