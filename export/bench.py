@@ -90,7 +90,9 @@ def _bare_decoder_step_ms(pipe, cache_len: int, steps: int) -> float:
     binding = dec.session.io_binding()
     binding.bind_cpu_input("inputs_embeds", np.zeros((1, 1, spec["hidden_size"]), dec.backend.inputs["inputs_embeds"]))
     binding.bind_cpu_input("attention_mask", np.ones((1, cache_len + 1), np.int64))
-    binding.bind_cpu_input("position_ids", np.array([[cache_len]], np.int64))
+    # [1, 1], or [3, 1, 1] for an M-RoPE decoder (the shape the runtime's decoder steps with)
+    binding.bind_cpu_input("position_ids", np.full(getattr(dec, "step_position", np.zeros((1, 1))).shape, cache_len,
+                                                   np.int64))
     for name in dec.past_names:
         binding.bind_ortvalue_input(name, kv)
     binding.bind_output("logits", "cpu")
@@ -115,6 +117,10 @@ def run_bench(args) -> dict:
         from .bench_anyres import run_anyres_bench
 
         return run_anyres_bench(args)
+    if model_family(args.model).model_type == "qwen2_5_vl":  # Qwen2.5-VL: export/bench_qwen.py
+        from .bench_qwen import run_qwen_bench
+
+        return run_qwen_bench(args)
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         get_method(m)

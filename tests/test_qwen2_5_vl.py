@@ -447,22 +447,24 @@ def test_pipeline_refuses_bad_requests_in_one_line(qwen_folder, tmp_path):
         QwenPipeline(hostile)
 
 
-def test_bench_rows_measure_ttft_against_keep(tmp_path):
-    """prune-bench's Qwen rows (export/bench_qwen.py) on the tiny preset: one row per bucket with measured stage
-    times, the single-view bench's targets evaluated on them, and the temporary exports removed."""
+def test_bench_rows_measure_ttft_against_keep(tmp_path, capsys):
+    """prune-bench on a Qwen2.5-VL preset (export/bench_qwen.py through bench.run_bench): one row per bucket with
+    measured stage times from prune-run's pipeline, and the single-view bench's targets evaluated on them."""
     import types
 
-    from vlmprune.export.bench_qwen import run_qwen_bench
+    from vlmprune.export.bench import run_bench
 
     args = types.SimpleNamespace(model=PRESET, methods="gprune", keep="1.0,0.25", repeats=1, warmup=0,
-                                 image="sample", out=tmp_path, threads=None, prompt=PROMPT, new_tokens=3)
-    report = run_qwen_bench(args)
+                                 image="sample", out=tmp_path, threads=None, prompt=PROMPT, new_tokens=3,
+                                 decoder_precisions="fp32")
+    report = run_bench(args)
     assert [(r["method"], r["k"], r["keep"]) for r in report["rows"]] == [("gprune", 256, 1.0), ("gprune", 64, 0.25)]
     for row in report["rows"]:
         assert row["ttft_ms"] > row["prefill_ms"] > 0 and row["vision_prune_ms"] > 0 and row["tokens_generated"] == 3
         assert row["prompt_tokens"] == report["rows"][0]["prompt_tokens"] - 256 + row["k"]
+        assert row["bare_decoder_step_ms"] > 0 and row["positions"] == "original"
     assert "runtime TPOT / bare decoder step (worst)" in {t["target"] for t in report["targets"]}
-    assert list(tmp_path.iterdir()) == []  # the bench's own export folders are gone
+    assert (tmp_path / "bundles" / "gprune-fp32" / "manifest.json").is_file()
 
 
 def _legacy_checkpoint(preset: Path, dst: Path) -> Path:
