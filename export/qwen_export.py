@@ -5,7 +5,6 @@ validated in ONNX Runtime against its PyTorch module as soon as it is written)."
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,94 +159,6 @@ def export_qwen_vision(req, adapter, buckets, target, needs_text, text_embeds, t
 # Default positions per method, from the authors' code (specs/methods.md): G-Prune keeps original positions,
 # FoPru's lab code uses contiguous ones; the baselines keep the model's own (original) layout.
 DEFAULT_POSITIONS = {"fopru": "contiguous"}
-
-
-def export_qwen_folder(model: str, out: Path, method: str, *, keeps=(), tokens=(), image_sizes=None,
-                       options: dict | None = None, precision: str = "fp32", validate: bool = True,
-                       steps: Steps | None = None, target: str = "trt10") -> dict:
-    """A Qwen2.5-VL export folder for ``runtime/qwen_pipeline.py``: the vision graphs (one per image size and
-    bucket), the M-RoPE decoder (fp32), the embedding table, the tokenizer and ``qwen.json``. Written into a
-    temporary folder and renamed into place, so ``out`` is either absent or complete."""
-    from vlmprune.atomic import make_temp_dir, remove_temp, rename_noreplace
-    from vlmprune.models import load_model
-    from vlmprune.prune import get_method
-
-    from .qwen_decoder import export_qwen_decoder, save_embeddings
-    from .targets import get_target
-
-    steps = steps or Steps()
-    out = Path(out)
-    if out.exists():
-        raise VlmpruneError(f"{out} already exists", "choose another --out (nothing was overwritten)")
-    spec = get_method(method)
-    opts = spec.parse_options(options)
-    torch.set_grad_enabled(False)
-    with steps.step(f"load model {model}"):
-        adapter = load_model(model, method=spec.name, needs=spec.needs)
-    if adapter.arch != "qwen2_5_vl":
-        raise VlmpruneError(f"{model} is not a Qwen2.5-VL model", "use prune-export for the LLaVA families")
-    buckets = plan_qwen(spec, opts, adapter, keeps, tokens, image_sizes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, out.name)
-    try:
-        scratch = tmp / ".scratch"
-        scratch.mkdir()
-        checks: list = []
-        req = type("Req", (), {"precision": precision, "validate": validate})()
-        needs_text = "text" in spec.needs
-        text_module = text_embeds = None
-        if needs_text:
-            from .exporter import VALIDATION_PROMPT
-            from .graphs import TextEncoderGraph
-
-            text_module = TextEncoderGraph(adapter).eval()
-            text_embeds = text_module(adapter.clip.tokenizer(VALIDATION_PROMPT, return_tensors="pt")["input_ids"])
-        records, lint = export_qwen_vision(req, adapter, buckets, get_target(target), needs_text, text_embeds, tmp,
-                                           scratch, steps, checks)
-        text_record = None
-        if text_module is not None:
-            from .exporter import export_text_encoder
-
-            text_record, text_lint = export_text_encoder(req, adapter, text_module, get_target(target), tmp, scratch,
-                                                         steps, checks)
-            lint.update(text_lint)
-            adapter.clip.tokenizer.backend_tokenizer.save(str(tmp / "clip_tokenizer.json"))
-        scratch.rmdir()
-        failed = [c for c in checks if not c.passed]
-        if failed:
-            raise VlmpruneError(f"validation failed for {len(failed)} vision check(s), first: {failed[0]}",
-                                "nothing was written; report this with the model and method")
-        for r in records:
-            r["positions"] = DEFAULT_POSITIONS.get(r["method"], "original")
-        with steps.step("export decoder (fp32, M-RoPE position_ids [3, B, S])"):
-            decoder = export_qwen_decoder(adapter, tmp / "decoder.onnx", tmp / "decoder.weights")
-            lint["decoder.onnx"] = lint_all_targets(decoder)
-            del decoder
-            save_embeddings(adapter, tmp / "embed_tokens.npy")
-        adapter.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
-        text = adapter.text
-        qwen = {
-            "family": adapter.family.to_dict(),
-            "model": adapter.describe(),
-            "preprocessing": adapter.preprocessing.to_dict(),
-            "buckets": records,
-            "prompt": {"tokenizer": "tokenizer.json", "chat_template": text.chat_template,
-                       "image_token": text.image_token, "image_token_id": text.image_token_id},
-            "decoder": {"file": "decoder.onnx", "weights": "decoder.weights", "embeddings": "embed_tokens.npy",
-                        "num_layers": text.num_layers, "num_kv_heads": text.num_kv_heads, "head_dim": text.head_dim,
-                        "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
-                        "max_context": text.max_context, "eos_token_id": text.eos_token_id,
-                        "mrope_section": list(adapter.mrope_section)},
-            "text_encoder": text_record,
-            "auxiliary_clip": adapter.clip_constants() if needs_text else None,
-            "lint": {f: {t: v["ok"] for t, v in per.items()} for f, per in lint.items()},
-            "validation": [c.__dict__ for c in checks],
-        }
-        (tmp / "qwen.json").write_text(json.dumps(qwen, indent=2) + "\n")
-        rename_noreplace(tmp, out)
-    finally:
-        remove_temp(tmp)
-    return qwen
 
 
 def qwen_manifest(manifest: dict, adapter, spec) -> None:

@@ -246,7 +246,7 @@ def test_methods_follow_the_spec_on_the_library_forward(qwen, size):
 
 def test_vision_graphs_export_lint_clean_and_match_pytorch(qwen, tmp_path):
     """FoPru at a ragged size (the block-mask windows) and at 448x448 (equal windows), G-Prune and pool at 448x448
-    (GridPrune's graph is exported by the ``qwen_folder`` fixture): fp32 ONNX Runtime indices identical to the
+    (GridPrune's graph is exported by the ``qwen_bundle`` fixture): fp32 ONNX Runtime indices identical to the
     PyTorch module's, embeddings within tolerance, clean for trt10 and trt11; and one fp16 graph (overlap >= 0.9)."""
     import types
 
@@ -289,16 +289,22 @@ PROMPT = "What color is the car next to the house?"
 
 
 @pytest.fixture(scope="module")
-def qwen_folder(qwen, tmp_path_factory):
-    from vlmprune.export.qwen_export import export_qwen_folder
+def qwen_bundle(qwen, tmp_path_factory):
+    """prune-export's bundle of the tiny preset with GridPrune at 25 % (the none bucket, the GridPrune graph with the
+    auxiliary CLIP's inputs, the CLIP text encoder, the M-RoPE decoder), validated and linted as it is written."""
+    from vlmprune.export.exporter import ExportRequest, export_bundle
+    from vlmprune.export.progress import Steps
 
     qwen.set_image_size((448, 448))
     out = tmp_path_factory.mktemp("qwen") / "bundle"
-    spec = export_qwen_folder(PRESET, out, "gridprune", keeps=[0.25])
-    assert all(c["passed"] for c in spec["validation"])
-    assert [c["indices_equal"] for c in spec["validation"] if c["output"] == "kept_indices"] == [True] * 4
-    assert "decoder.onnx" in spec["lint"] and "text_encoder.onnx" in spec["lint"]
-    assert all(spec["lint"][f]["trt10"] and spec["lint"][f]["trt11"] for f in spec["lint"]), spec["lint"]
+    result = export_bundle(ExportRequest(model=PRESET, method="gridprune", keeps=[0.25], out=out,
+                                         image_sizes=[(448, 448)]), Steps(quiet=True))
+    v = result.validation
+    assert v["passed"] and v["decoder"]["greedy_identical_prefix"] == 32
+    assert [c["indices_equal"] for c in v["checks"] if c["output"] == "kept_indices"] == [True] * 4
+    lint = result.manifest["lint"]
+    assert {"decoder.onnx", "text_encoder.onnx", "vision_gridprune_448x448_k64.onnx"} <= set(lint)
+    assert all(lint[f]["trt10"]["ok"] and lint[f]["trt11"]["ok"] for f in lint), lint
     return out
 
 
@@ -317,11 +323,11 @@ def _rope_index(qwen, inputs):
     return pos  # [3, 1, S]
 
 
-def test_prompt_positions_follow_get_rope_index(qwen, qwen_folder):
-    from vlmprune.runtime.qwen_pipeline import QwenPipeline
+def test_prompt_positions_follow_get_rope_index(qwen, qwen_bundle):
+    from vlmprune.runtime.anyres_pipeline import open_pipeline
     from vlmprune.runtime.qwen_positions import prompt_positions
 
-    pipe = QwenPipeline(qwen_folder)
+    pipe = open_pipeline(qwen_bundle)
     inputs = _library_inputs(qwen, make_sample_image(448, 448))
     ref = _rope_index(qwen, inputs)[:, 0].numpy()
     ids = pipe.prompt.encode(PROMPT)
@@ -347,25 +353,43 @@ def test_prompt_positions_follow_get_rope_index(qwen, qwen_folder):
                                   .repeat(3, 0))
 
 
-def test_keep_all_equals_generate(qwen, qwen_folder):
-    """keep 1.0: the torch-free runtime's 32 greedy tokens are transformers' generate's."""
+def _runtime_logits(pipe, image, tokens):
+    """The bundle runtime's logits at every step of a token path, from its own pieces (preprocessing, the none
+    bucket's graph, the M-RoPE stitch, the decoder with its cache)."""
+    from vlmprune.runtime.qwen_positions import stitch_qwen
+
+    bucket = next(b for b in pipe.manifest["vision"]["buckets"] if b["method"] == "none")
+    out = pipe.vision_backend(bucket).run({"pixel_values": pipe.qwen_preprocess(image)})
+    ids = pipe.prompt.encode(PROMPT)
+    embeds, pos, nxt = stitch_qwen(ids, pipe.prompt.image_token_id, pipe.table, out["image_embeds"],
+                                   out["kept_indices"][0], pipe.grid, pipe.positions)
+    pipe.decoder.reset()
+    rows = [np.array(pipe.decoder.step(embeds, pos), np.float32)]
+    for i, token in enumerate(tokens[:-1]):
+        step = np.full((3, 1, 1), nxt + i, np.int64)
+        rows.append(np.array(pipe.decoder.step(np.asarray(pipe.table[token])[None, None], step), np.float32))
+    return np.stack(rows)
+
+
+def test_keep_all_equals_generate(qwen, qwen_bundle):
+    """keep 1.0: prune-run's pipeline gives transformers' generate's 32 greedy tokens, and the logits of every
+    step within 1e-4 of its largest (the tiny random decoder's greedy path alone could hide a wrong image)."""
     from transformers import GenerationConfig
 
-    from vlmprune.runtime.qwen_pipeline import QwenPipeline
+    from vlmprune.runtime.anyres_pipeline import open_pipeline
 
     image = make_sample_image(448, 448)
-    pipe = QwenPipeline(qwen_folder)
-    ours = pipe.generate(image, PROMPT, "none-448x448-k256", max_new_tokens=32, ignore_eos=True, keep_logits=True)
+    pipe = open_pipeline(qwen_bundle)
+    ours = pipe.generate(image, PROMPT, keep=1.0, max_new_tokens=32, ignore_eos=True)
     inputs = _library_inputs(qwen, image)
     config = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None,
                               pad_token_id=qwen.tokenizer.pad_token_id)
     out = qwen.model.generate(**inputs, generation_config=config, output_logits=True, return_dict_in_generate=True)
     theirs = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    assert ours.prompt_length == inputs["input_ids"].shape[1]
-    assert len(ours.tokens) == 32 and ours.tokens == theirs
-    # the logits of every step too (the tiny random decoder's greedy path alone could hide a wrong image)
+    assert ours.bucket == "none-448x448-k256" and ours.prompt_tokens == inputs["input_ids"].shape[1]
+    assert ours.tokens_generated == 32 and ours.token_ids == theirs
     ref = torch.cat(out.logits).numpy()
-    assert float(np.abs(np.stack(ours.logits) - ref).max()) <= 1e-4 * float(np.abs(ref).max())
+    assert float(np.abs(_runtime_logits(pipe, image, theirs) - ref).max()) <= 1e-4 * float(np.abs(ref).max())
 
 
 def _library_greedy(qwen, embeds, positions, next_pos, steps=32):
@@ -387,24 +411,24 @@ def _library_greedy(qwen, embeds, positions, next_pos, steps=32):
 
 
 @pytest.mark.parametrize("mode", ["original", "contiguous"])
-def test_pruned_equals_a_library_loop_fed_the_same_tokens_and_positions(qwen, qwen_folder, mode):
+def test_pruned_equals_a_library_loop_fed_the_same_tokens_and_positions(qwen, qwen_bundle, mode):
     """GridPrune keep 0.25 (the auxiliary CLIP's view and text encoder run by the runtime): the kept indices are the
-    PyTorch module's, and the runtime's greedy tokens are those of a transformers loop fed the same kept features at
-    positions derived from get_rope_index (not from the runtime)."""
+    PyTorch module's, the runtime's M-RoPE positions are those derived from get_rope_index, and its greedy tokens
+    are those of a transformers loop fed the same kept features at those positions."""
     from vlmprune.export.qwen_graphs import QwenVisionGraph
-    from vlmprune.runtime.qwen_pipeline import QwenPipeline
+    from vlmprune.runtime.qwen_bundle import QwenBundlePipeline
+    from vlmprune.runtime.qwen_positions import prompt_positions
     from vlmprune.runtime.qwen_preprocess import QwenPreprocessor, clip_view
 
     qwen.set_image_size((448, 448))
     image = make_sample_image(448, 448)
-    pipe = QwenPipeline(qwen_folder)
-    ours = pipe.generate(image, PROMPT, "gridprune-448x448-k64", max_new_tokens=32, positions=mode,
-                         ignore_eos=True)
+    pipe = QwenBundlePipeline(qwen_bundle, positions=mode)
+    ours = pipe.generate(image, PROMPT, keep=0.25, max_new_tokens=32, ignore_eos=True)
     pv = torch.from_numpy(QwenPreprocessor(qwen.preprocessing.to_dict())(image))
     cp = torch.from_numpy(clip_view(image, qwen.clip_constants()))
     t = qwen.text_embeds(qwen.clip.tokenizer(PROMPT, return_tensors="pt")["input_ids"])
     feats, kept = QwenVisionGraph(qwen, "gridprune", 64)(pv, cp, t)
-    assert ours.kept_indices.tolist() == kept[0].tolist()
+    assert ours.bucket == "gridprune-448x448-k64" and ours.kept_indices == kept[0].tolist()
 
     inputs = _library_inputs(qwen, image)
     full = _rope_index(qwen, inputs)
@@ -417,34 +441,25 @@ def test_pruned_equals_a_library_loop_fed_the_same_tokens_and_positions(qwen, qw
     if mode == "contiguous":  # the text after the image follows the kept tokens' largest position
         after = positions[:, :, where + 64:]
         positions[:, :, where + 64:] = after - after.min() + positions[:, :, where:where + 64].max() + 1
-    np.testing.assert_array_equal(ours.positions, positions.numpy())
+    runtime_pos, _ = prompt_positions(pipe.prompt.encode(PROMPT), pipe.prompt.image_token_id, pipe.grid,
+                                      np.array(ours.kept_indices), mode)
+    np.testing.assert_array_equal(runtime_pos, positions[:, 0].numpy())
     table = qwen.model.get_input_embeddings().weight
     embeds = torch.cat([table[ids[:where]], feats[0], table[ids[where + 1 + 255:]]])[None]
     theirs = _library_greedy(qwen, embeds, positions, int(positions.max()) + 1)
-    assert ours.tokens == theirs
+    assert ours.token_ids == theirs
 
 
-def test_pipeline_refuses_bad_requests_in_one_line(qwen_folder, tmp_path):
-    import json
-    import shutil
+def test_pipeline_refuses_bad_requests_in_one_line(qwen_bundle):
+    from vlmprune.runtime.qwen_bundle import QwenBundlePipeline
 
-    from vlmprune.runtime.qwen_pipeline import QwenPipeline
-
-    pipe = QwenPipeline(qwen_folder)
-    image = make_sample_image(300, 200)
-    with pytest.raises(VlmpruneError, match="no bucket 'fopru-k1'"):
-        pipe.generate(image, PROMPT, "fopru-k1")
     with pytest.raises(VlmpruneError, match="unknown positions mode 'gapped'"):
-        pipe.generate(image, PROMPT, "none-448x448-k256", positions="gapped")
-    with pytest.raises(VlmpruneError, match="context"):
-        pipe.generate(image, PROMPT, "none-448x448-k256", max_new_tokens=10**6)
-    hostile = tmp_path / "hostile"
-    shutil.copytree(qwen_folder, hostile)
-    spec = json.loads((hostile / "qwen.json").read_text())
-    spec["decoder"]["file"] = "../../etc/passwd"
-    (hostile / "qwen.json").write_text(json.dumps(spec))
-    with pytest.raises(VlmpruneError, match="not a file inside"):
-        QwenPipeline(hostile)
+        QwenBundlePipeline(qwen_bundle, positions="gapped")
+    with pytest.raises(VlmpruneError, match="TensorRT engines for Qwen2.5-VL bundles"):
+        QwenBundlePipeline(qwen_bundle, engines="trt10-fp16")
+    pipe = QwenBundlePipeline(qwen_bundle)
+    with pytest.raises(VlmpruneError, match="2 image placeholders"):
+        pipe.generate(make_sample_image(300, 200), "<|image_pad|> and <|image_pad|>?", keep=0.25)
 
 
 def test_bench_rows_measure_ttft_against_keep(tmp_path, capsys):
@@ -508,62 +523,49 @@ def _legacy_checkpoint(preset: Path, dst: Path) -> Path:
 
 
 def test_published_checkpoint_layout_loads_and_matches_generate(tmp_path):
-    """A checkpoint in the published layout loads strictly (legacy config, 4.x names, tied embeddings, bf16) and its
-    export runs in the torch-free runtime with generate's greedy tokens."""
+    """A checkpoint in the published layout loads strictly (legacy config, 4.x names, tied embeddings, bf16), and
+    its prune-export bundle runs in prune-run's pipeline with generate's greedy tokens."""
     from transformers import GenerationConfig
 
-    from vlmprune.export.qwen_export import export_qwen_folder
+    from vlmprune.export.exporter import ExportRequest, export_bundle
+    from vlmprune.export.progress import Steps
     from vlmprune.models import ensure_preset, load_model
     from vlmprune.models.loading import checkpoint_dtype
-    from vlmprune.runtime.qwen_pipeline import QwenPipeline
+    from vlmprune.runtime.anyres_pipeline import open_pipeline
 
     folder = _legacy_checkpoint(ensure_preset(PRESET), tmp_path / "Qwen2.5-VL-tiny")
     assert checkpoint_dtype(folder) == "BF16"
     adapter = load_model(str(folder))  # strict: nothing missing, unexpected or mis-shaped
     assert adapter.model.config.tie_word_embeddings and adapter.mrope_section == (4, 6, 6)
     assert adapter.model.lm_head.weight.data_ptr() == adapter.model.get_input_embeddings().weight.data_ptr()
-    export_qwen_folder(str(folder), tmp_path / "export", "none", keeps=[1.0])
+    export_bundle(ExportRequest(model=str(folder), method="l2norm", keeps=[0.5], out=tmp_path / "export",
+                                decoder_precision="fp32"), Steps(quiet=True))
     image = make_sample_image(448, 448)
-    ours = QwenPipeline(tmp_path / "export").generate(image, PROMPT, "none-448x448-k256", max_new_tokens=12,
-                                                      ignore_eos=True)
+    ours = open_pipeline(tmp_path / "export").generate(image, PROMPT, keep=1.0, max_new_tokens=12, ignore_eos=True)
     inputs = _library_inputs(adapter, image)
     out = adapter.model.generate(**inputs, generation_config=GenerationConfig(
         max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=adapter.tokenizer.pad_token_id))
-    assert ours.tokens == out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert ours.token_ids == out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def test_prune_export_bundle_runs_in_prune_run(qwen, qwen_folder, tmp_path, capsys):
-    """prune-export writes a Qwen2.5-VL bundle (manifest v2: the family, an M-RoPE decoder validated over 32 greedy
-    tokens, the auxiliary CLIP's constants, the method's positions) and prune-run's pipeline generates from it the
-    tokens of the folder runtime above (itself equal to generate at keep 1.0)."""
-    from vlmprune.export.exporter import ExportRequest, export_bundle
-    from vlmprune.export.progress import Steps
+def test_prune_run_cli_on_the_bundle(qwen_bundle, capsys):
+    """prune-run on the bundle: the manifest's family and M-RoPE decoder, the method's positions, one answer line
+    and the timing line."""
+    import json
+
     from vlmprune.runtime.anyres_pipeline import open_pipeline
     from vlmprune.runtime.cli import run_main
     from vlmprune.runtime.qwen_bundle import QwenBundlePipeline
-    from vlmprune.runtime.qwen_pipeline import QwenPipeline
 
-    out = tmp_path / "bundle"
-    result = export_bundle(ExportRequest(model=PRESET, method="gridprune", keeps=[0.25], out=out,
-                                         image_sizes=[(448, 448)]), Steps(quiet=True))
-    m = result.manifest
-    assert result.validation["passed"] and m["model"]["family"]["model_type"] == "qwen2_5_vl"
-    assert m["preprocessing"]["kind"] == "qwen2_vl" and m["auxiliary_clip"]["size"] == 336
+    m = json.loads((qwen_bundle / "manifest.json").read_text())
+    assert m["model"]["family"]["model_type"] == "qwen2_5_vl" and m["preprocessing"]["kind"] == "qwen2_vl"
+    assert m["auxiliary_clip"]["size"] == 336 and m["prompt"]["positions"] == "original"
     assert next(i["shape"] for i in m["decoder"]["inputs"] if i["name"] == "position_ids")[0] == 3
     assert [b["name"] for b in m["vision"]["buckets"]] == ["none-448x448-k256", "gridprune-448x448-k64"]
-    assert m["prompt"]["positions"] == "original"
-    pipe = open_pipeline(out)
+    pipe = open_pipeline(qwen_bundle)
     assert isinstance(pipe, QwenBundlePipeline) and pipe.positions == "original"
-    folder = QwenPipeline(qwen_folder)
-    image = make_sample_image(500, 400)
-    for bucket in m["vision"]["buckets"]:
-        ours = pipe.generate(image, PROMPT, bucket=bucket, max_new_tokens=16, ignore_eos=True)
-        ref = folder.generate(image, PROMPT, bucket["name"], max_new_tokens=16, positions="original",
-                              ignore_eos=True)
-        assert ours.token_ids == ref.tokens and ours.kept_indices == ref.kept_indices.tolist()
-        assert ours.visual_tokens_kept == bucket["k"] and ours.prompt_tokens == ref.prompt_length
     with pytest.raises(SystemExit) as exit_code:
-        run_main([str(out), "--image", "sample", "--prompt", PROMPT, "--keep", "0.25", "--max-new-tokens", "4",
-                  "--positions", "contiguous"])
+        run_main([str(qwen_bundle), "--image", "sample", "--prompt", PROMPT, "--keep", "0.25", "--max-new-tokens",
+                  "4", "--positions", "contiguous"])
     assert exit_code.value.code == 0
     assert "64/256 visual tokens" in capsys.readouterr().out
