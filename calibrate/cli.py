@@ -145,6 +145,9 @@ def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quant
     report, tool = {}, None
     layers_run = (manifest.get("model") or {}).get("vision", {}).get("layers_run")
     scopes = (f"/layers.{int(layers_run) - 1}/self_attn/",) if isinstance(layers_run, int) and layers_run > 0 else ()
+    from vlmprune.export.trt_build import fp32_pattern
+
+    pinned = fp32_pattern(manifest)  # the family's fp32 scopes, as prune-build pins them
     buckets = manifest["vision"]["buckets"]
     iterator = progress(buckets, desc="quantise", unit="bucket") if progress else buckets
     qdq = {}
@@ -152,7 +155,7 @@ def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quant
         src = bundle.path(bucket["file"])
         rel = "qdq/" + bucket["file"].replace(".onnx", ".qdq.onnx")
         calib_feeds = feeds_for(bucket, calib_px, 0)
-        tool = quantize(src, tmp / rel, calib_feeds, args.algo, float_scopes=scopes)
+        tool = quantize(src, tmp / rel, calib_feeds, args.algo, float_scopes=scopes, pinned=pinned)
         report[bucket["name"]] = accuracy(src, tmp / rel, feeds_for(bucket, eval_px, len(calib_px)))
         qdq[bucket["name"]] = rel
         if tensorrt_available():  # pragma: no cover - needs TensorRT

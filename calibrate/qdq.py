@@ -21,18 +21,18 @@ from vlmprune.errors import VlmpruneError
 ALGOS = ("entropy", "minmax", "percentile")
 
 
-def excluded_nodes(onnx_path: Path, float_scopes: tuple[str, ...] = ()) -> list[str]:
+def excluded_nodes(onnx_path: Path, float_scopes: tuple[str, ...] = (), pinned=None) -> list[str]:
     """Nodes left unquantised: the pruning subgraph and LayerNorms (as pinned for fp16 builds), every softmax, and
     the scopes in ``float_scopes``: the scoring layer's self-attention, whose Q/K the side branch reads (graph
     optimisers merge the two, so quantising that attention would put quantisation noise into the selection)."""
     import onnx
 
-    from vlmprune.export.trt_build import pinned_layers
+    from vlmprune.export.trt_build import _PIN, pinned_layers
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     keep = {n.name for n in model.graph.node
             if n.op_type == "Softmax" or any(scope in n.name for scope in float_scopes)}
-    return sorted(set(pinned_layers(onnx_path)) | keep)
+    return sorted(set(pinned_layers(onnx_path, pinned or _PIN)) | keep)
 
 
 def modelopt_available() -> bool:
@@ -44,11 +44,11 @@ def modelopt_available() -> bool:
 
 
 def quantize(onnx_path: Path, out_path: Path, feeds: list[dict[str, np.ndarray]], algo: str,
-             float_scopes: tuple[str, ...] = ()) -> str:
-    """Write the Q/DQ model; returns the tool used."""
+             float_scopes: tuple[str, ...] = (), pinned=None) -> str:
+    """Write the Q/DQ model; returns the tool used. ``pinned``: the family's fp32 pattern (``fp32_pattern``)."""
     if algo not in ALGOS:
         raise VlmpruneError(f"unknown calibration algorithm {algo!r}", f"choose one of {', '.join(ALGOS)}")
-    exclude = excluded_nodes(onnx_path, float_scopes)
+    exclude = excluded_nodes(onnx_path, float_scopes, pinned)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if modelopt_available():  # pragma: no cover - not installable on this project's CPU machines
         if algo == "percentile":

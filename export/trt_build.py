@@ -48,10 +48,23 @@ class EngineJob:
     calib_cache: Path | None = None
 
 
-def pinned_layers(onnx_path: Path) -> list[str]:
+def fp32_pattern(manifest: dict | None) -> re.Pattern:
+    """The layers to keep in fp32, as the model family declared them in the manifest (``model.family.fp32_scopes``,
+    or ``vision.fp32_scopes``); bundles written before families recorded them get LLaVA-1.5's scopes."""
+    scopes = None
+    if manifest:
+        scopes = (manifest.get("vision") or {}).get("fp32_scopes") or \
+            ((manifest.get("model") or {}).get("family") or {}).get("fp32_scopes")
+    if not scopes:
+        return _PIN
+    return re.compile("|".join(f"(?:{s})" for s in scopes), re.IGNORECASE)
+
+
+def pinned_layers(onnx_path: Path, pattern: re.Pattern = _PIN) -> list[str]:
     from .onnx_nodes import read_nodes  # onnx where installed; the edge install reads the names without it
 
-    return [name for name, op in read_nodes(onnx_path) if name and (_PIN.search(name) or op == "LayerNormalization")]
+    return [name for name, op in read_nodes(onnx_path)
+            if name and (pattern.search(name) or op in ("LayerNormalization", "SimplifiedLayerNormalization"))]
 
 
 def decoder_shapes(manifest: dict) -> dict[str, str]:
@@ -64,8 +77,10 @@ def decoder_shapes(manifest: dict) -> dict[str, str]:
 def plan_jobs(bundle: Path, manifest: dict, target: Target, precision: str, decoder: bool) -> list[EngineJob]:
     out_dir = bundle / "engines" / f"{target.name}-{precision}"
     jobs = []
+    pattern = fp32_pattern(manifest)
     for b in manifest["vision"]["buckets"]:
-        job = EngineJob(b["name"], bundle / b["file"], out_dir / f"{b['name']}.engine", pinned_layers(bundle / b["file"]))
+        job = EngineJob(b["name"], bundle / b["file"], out_dir / f"{b['name']}.engine",
+                        pinned_layers(bundle / b["file"], pattern))
         if precision == "int8":
             qdq = _qdq_path(bundle, b)
             # TensorRT 11 takes only explicit (Q/DQ) quantisation; 8.x only calibration caches; 10.x either

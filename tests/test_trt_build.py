@@ -130,3 +130,22 @@ def test_build_and_run_an_engine(bundles):
     assert build_main.run([str(bundles["trt10"].path), "--target", "trt10", "--precision", "fp32"]) == 0
     manifest = json.loads((bundles["trt10"].path / "manifest.json").read_text())
     assert "trt10-fp32" in manifest["engines"]
+
+
+def test_fp32_pins_follow_the_family_scopes_in_the_manifest(tmp_path):
+    """prune-build and prune-calibrate pin what the bundle's model family declares, not LLaVA's names."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vlmprune.export.trt_build import fp32_pattern, pinned_layers
+
+    nodes = [helper.make_node("Relu", ["x"], [f"y{i}"], name=name) for i, name in
+             enumerate(["/blocks.0/norm1/Mul", "/method/TopK", "/blocks.0/attn/qkv/MatMul", "/merger/ln_q/Mul"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1]) for i in range(4)])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    qwen = {"model": {"family": {"fp32_scopes": [r"(^|/)method/", r"norm|ln_q|RMSNorm"]}}, "vision": {}}
+    assert pinned_layers(path, fp32_pattern(qwen)) == ["/blocks.0/norm1/Mul", "/method/TopK", "/merger/ln_q/Mul"]
+    # a bundle written before families were recorded keeps LLaVA-1.5's scopes
+    assert pinned_layers(path, fp32_pattern({"vision": {}})) == ["/method/TopK"]
