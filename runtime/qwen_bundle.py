@@ -41,8 +41,17 @@ class QwenBundlePipeline(Pipeline):
             raise VlmpruneError(f"bundle {self.folder}: its decoder takes position_ids of rank {rank}, not M-RoPE's 3",
                                 "re-export the bundle")
         self.qwen_preprocess = QwenPreprocessor(m["preprocessing"])
+        self.preprocess = _WholeImageView(self.qwen_preprocess)  # what prune-viz and the generic callers use
         self.grid = tuple(m["vision"]["view"]["grid"])
         self.clip_constants = m.get("auxiliary_clip")
+
+    def vision(self, pixel_values: np.ndarray, bucket: dict, prompt: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """``Pipeline.vision`` for the generic callers (prune-viz): the image the pixels came from (the last one
+        ``self.preprocess`` saw) gives GridPrune's auxiliary-CLIP view."""
+        t = Timings()
+        feeds = self._vision_feeds(pixel_values, self.preprocess.last_image, bucket, prompt, t)
+        out = self.vision_backend(bucket).run(feeds)
+        return out["image_embeds"], out["kept_indices"].astype(np.int64), t.text_encoder_ms
 
     def _vision_feeds(self, pixels: np.ndarray, image: Image.Image, bucket: dict, prompt: str, t: Timings) -> dict:
         feeds = {"pixel_values": pixels}
@@ -127,3 +136,19 @@ class QwenBundlePipeline(Pipeline):
                       visual_tokens_kept=int(bucket["k"]), visual_tokens_total=self.num_patches,
                       prompt_tokens=int(embeds.shape[1]), tokens_generated=len(generated), stop_reason=stop,
                       kept_indices=kept.tolist(), timings=t)
+
+
+class _WholeImageView:
+    """The generic preprocessing interface over ``QwenPreprocessor``: the model sees the whole image (resized to the
+    bucket, no crop), so its crop box is the image itself."""
+
+    def __init__(self, qwen: QwenPreprocessor):
+        self.qwen = qwen
+        self.last_image: Image.Image | None = None
+
+    def crop_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        return 0.0, 0.0, float(size[0]), float(size[1])
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        self.last_image = image
+        return self.qwen(image)

@@ -569,3 +569,25 @@ def test_prune_run_cli_on_the_bundle(qwen_bundle, capsys):
                   "4", "--positions", "contiguous"])
     assert exit_code.value.code == 0
     assert "64/256 visual tokens" in capsys.readouterr().out
+
+
+def test_prune_viz_draws_the_merged_grid(qwen_bundle, tmp_path):
+    """prune-viz on the bundle: one panel per pruned bucket over the whole image (the model's view), the kept
+    merged tokens of prune-run's own selection boxed on the 16 x 16 grid."""
+    from PIL import Image
+
+    from vlmprune.runtime.anyres_pipeline import open_pipeline
+    from vlmprune.runtime.cli import viz_main
+
+    out = tmp_path / "kept.png"
+    with pytest.raises(SystemExit) as exit_code:
+        viz_main([str(qwen_bundle), "--image", "sample", "--prompt", PROMPT, "-o", str(out)])
+    assert exit_code.value.code == 0
+    with Image.open(out) as picture:
+        assert picture.size[0] > 300 and picture.size[1] > 300
+    pipe = open_pipeline(qwen_bundle)
+    bucket = next(b for b in pipe.manifest["vision"]["buckets"] if b["method"] == "gridprune")
+    image = make_sample_image()
+    _, kept, _ = pipe.vision(pipe.preprocess(image), bucket, PROMPT)  # the generic callers' path
+    assert kept[0].tolist() == pipe.generate(image, PROMPT, bucket=bucket, max_new_tokens=1).kept_indices
+    assert pipe.preprocess.crop_box((640, 480)) == (0.0, 0.0, 640.0, 480.0)
