@@ -22,6 +22,9 @@ PROMPTS = [
 def load_calibration_images(folder: Path, preprocessing: dict, num: int, progress=None) -> tuple[np.ndarray, int]:
     """``[n, 3, H, W]`` float32 from up to ``num`` images of ``folder`` (sorted, recursive) and how many were skipped
     as unreadable."""
+    if preprocessing.get("kind") == "qwen2_vl":  # Qwen2.5-VL graphs take flattened patches, not [n, 3, H, W]
+        raise VlmpruneError(f"INT8 calibration of bundles with {preprocessing.get('kind')!r} preprocessing is not "
+                            "supported yet", "build fp16 engines (prune-build --precision fp16) for this bundle")
     folder = Path(folder)
     if not folder.is_dir():
         raise VlmpruneError(f"calibration folder {folder} does not exist", "pass --images DIR with a few hundred photos")

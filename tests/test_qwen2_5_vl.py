@@ -457,6 +457,11 @@ def test_pipeline_refuses_bad_requests_in_one_line(qwen_bundle):
         QwenBundlePipeline(qwen_bundle, positions="gapped")
     with pytest.raises(VlmpruneError, match="TensorRT engines for Qwen2.5-VL bundles"):
         QwenBundlePipeline(qwen_bundle, engines="trt10-fp16")
+    from vlmprune.calibrate.data import load_calibration_images
+
+    m = QwenBundlePipeline(qwen_bundle).manifest
+    with pytest.raises(VlmpruneError, match="INT8 calibration of bundles with 'qwen2_vl' preprocessing"):
+        load_calibration_images(qwen_bundle, m["preprocessing"], 4)
     pipe = QwenBundlePipeline(qwen_bundle)
     with pytest.raises(VlmpruneError, match="2 image placeholders"):
         pipe.generate(make_sample_image(300, 200), "<|image_pad|> and <|image_pad|>?", keep=0.25)
