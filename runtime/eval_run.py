@@ -206,9 +206,20 @@ def run_eval(plans: list[BundlePlan], dataset: Dataset, out: Path, *, max_new_to
         log.close()
 
 
-def _run(plans, dataset, log, max_new_tokens, engines, positions, provider, threads, plain_progress, stream):
+def _open_pipeline(folder: Path, **kwargs):
+    """The bundle's pipeline: Qwen2.5-VL bundles (flattened patches, M-RoPE positions) have their own."""
+    from vlmprune.bundle import load_manifest
+
     from .pipeline import Pipeline
 
+    if load_manifest(folder)["preprocessing"].get("kind") == "qwen2_vl":
+        from .qwen_bundle import QwenBundlePipeline
+
+        return QwenBundlePipeline(folder, **kwargs)
+    return Pipeline(folder, **kwargs)
+
+
+def _run(plans, dataset, log, max_new_tokens, engines, positions, provider, threads, plain_progress, stream):
     def missing(plan, item):
         return [b for b in plan.buckets if key(plan.bundle_id, b["name"], item) not in log]
 
@@ -229,7 +240,8 @@ def _run(plans, dataset, log, max_new_tokens, engines, positions, provider, thre
             todo = [item for item in dataset.items if missing(plan, item)]
             if not todo:
                 continue
-            pipe = Pipeline(plan.folder, provider=provider, threads=threads, positions=positions, engines=engines)
+            pipe = _open_pipeline(plan.folder, provider=provider, threads=threads, positions=positions,
+                                  engines=engines)
             eos = pipe.decoder_spec.get("eos_token_id")
             warmed: set[str] = set()
             for item in todo:

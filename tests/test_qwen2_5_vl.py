@@ -596,3 +596,23 @@ def test_prune_viz_draws_the_merged_grid(qwen_bundle, tmp_path):
     _, kept, _ = pipe.vision(pipe.preprocess(image), bucket, PROMPT)  # the generic callers' path
     assert kept[0].tolist() == pipe.generate(image, PROMPT, bucket=bucket, max_new_tokens=1).kept_indices
     assert pipe.preprocess.crop_box((640, 480)) == (0.0, 0.0, 640.0, 480.0)
+
+
+def test_prune_eval_runs_the_bundle(qwen_bundle, tmp_path):
+    """prune-eval opens Qwen bundles with their own pipeline: every bucket answers, the unpruned one agrees with
+    itself."""
+    import json
+
+    from vlmprune.runtime.eval_cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    make_sample_image(500, 400).save(images / "a.png")
+    (images / "prompt.txt").write_text(PROMPT + "\n")
+    with pytest.raises(SystemExit) as exit_code:
+        main([str(qwen_bundle), "--data", str(images), "--out", str(tmp_path / "eval"), "--max-new-tokens", "3",
+              "--plain-progress"])
+    assert exit_code.value.code == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    text = json.dumps(summary)
+    assert "gridprune" in text and "none" in text
