@@ -69,20 +69,33 @@ def _image(arg):
     return load_image(arg)
 
 
-def _bare_decoder_step_ms(pipe, cache_len: int, steps: int) -> float:
-    """Median time of the decoder session alone for one step with a cache of ``cache_len`` tokens: the same
-    I/O-bound ``run_with_iobinding`` the runtime asks for, without the runtime's Python around it (binding setup,
-    embedding lookup, sampling, detokenising). The floor the runtime's TPOT is compared with."""
-    import onnxruntime as ort
+def _per_step_ms(step, steps: int, runs: int = 5) -> float:
+    """The statistic TPOT is: the mean time of ``steps`` back-to-back steps in one run, median over ``runs`` runs
+    (a median of single calls would drop the occasional slow step that every run's mean includes)."""
+    from vlmprune.runtime.profile import median
 
-    from vlmprune.runtime.profile import median, timed
+    step(), step()
+    means = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        means.append((time.perf_counter() - t0) * 1e3 / steps)
+    return median(means)
+
+
+def _bare_decoder_step_ms(pipe, cache_len: int, steps: int) -> float:
+    """Time of the decoder session alone for one step with a cache of ``cache_len`` tokens: the same I/O-bound
+    ``run_with_iobinding`` the runtime asks for, without the runtime's Python around it (binding setup, embedding
+    lookup, sampling, detokenising). The floor the runtime's TPOT is compared with, as the same statistic."""
+    import onnxruntime as ort
 
     spec = pipe.decoder_spec
     dec = pipe.decoder
     if getattr(dec, "kind", "plain") == "fused":  # its own preallocated buffers, bound once
         embeds = np.zeros((1, 1, spec["hidden_size"]), dec.embeds_dtype)
         dec.bind(embeds, cache_len)
-        ms = median(timed(lambda: dec.session.run_with_iobinding(dec.binding), repeats=steps, warmup=2))
+        ms = _per_step_ms(lambda: dec.session.run_with_iobinding(dec.binding), steps)
         dec.reset()
         return ms
     kv_dtype = getattr(dec, "kv_dtype", np.dtype(np.float32))
@@ -98,7 +111,7 @@ def _bare_decoder_step_ms(pipe, cache_len: int, steps: int) -> float:
     binding.bind_output("logits", "cpu")
     for name in dec.present_names:
         binding.bind_output(name, "cpu")
-    return median(timed(lambda: dec.session.run_with_iobinding(binding), repeats=steps, warmup=2))
+    return _per_step_ms(lambda: dec.session.run_with_iobinding(binding), steps)
 
 
 def run_bench(args) -> dict:

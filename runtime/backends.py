@@ -62,16 +62,18 @@ class OrtBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Several sessions (vision, text, decoder) share the cores: threads that spin after a run would steal them
         # from the next session (measured: the vision graph ran at half speed next to an idle decoder session).
-        # ``decoder_loop``: a generation step is ~80 small kernels, and waking parked threads for each costs a large
-        # share of the step, so the decoder's threads spin between the kernels of a run (ONNX Runtime's default), but
-        # stop when the run returns (force_spinning_stop), so nothing spins between runs or steals the cores from the
-        # next session. VLMPRUNE_SPIN=0 turns it off (on a machine shared with other busy processes, spinning
-        # threads compete with them). Every step has a new cache length, so no memory pattern is cached per shape
-        # (ONNX Runtime would plan and keep one per length).
+        # ``decoder_loop``: a generation step is ~80 small kernels and the runtime's Python between two steps takes
+        # ~20 us, so the decoder's threads spin rather than park (parked, bench-llava's fp32 step took 3.85 ms instead
+        # of 2.64), but for 1 ms at most: ONNX Runtime's default spin lasts tens of ms after the last step and slowed
+        # the next request's vision graph from 11.1 to 13.1 ms; with 1 ms, 11.2 ms and the same step time
+        # (force_spinning_stop, which parks them at the end of every run, cost 3-8 %).
+        # VLMPRUNE_SPIN=0 turns spinning off (on a machine shared with other busy processes spinning threads compete
+        # with them: under a load average of 4 on 2 cores the step took twice as long spinning). Every step has a new
+        # cache length, so no memory pattern is cached per shape (ONNX Runtime would plan and keep one per length).
         spin = decoder_loop and os.environ.get("VLMPRUNE_SPIN", "1") != "0"
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if spin:
-            opts.add_session_config_entry("session.force_spinning_stop", "1")
+            opts.add_session_config_entry("session.intra_op.spin_duration_us", "1000")
         if decoder_loop:
             opts.enable_mem_pattern = False
         threads = threads or int(os.environ.get("VLMPRUNE_THREADS", "0"))

@@ -20,18 +20,42 @@ def rss_bytes() -> int:
         return 0
 
 
+def _high_water_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class PeakMemory:
-    """Samples RSS on a background thread while the ``with`` block runs; ``.peak`` in bytes."""
+    """Peak RSS while the ``with`` block runs; ``.peak`` in bytes.
+
+    On Linux the kernel's own high-water mark, reset on entry (``/proc/self/clear_refs``) and read on exit: exact,
+    and with no thread running beside what is measured (a sampler thread waking every 2 ms took ~4 % off the
+    decoder's step time, since ONNX Runtime releases the GIL while it runs). The reset is process-wide: a peak read
+    later through ``getrusage`` no longer covers what came before the block. Elsewhere RSS is sampled on a thread."""
 
     def __init__(self, interval: float = 0.002):
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
+        self._kernel = False
 
     def __enter__(self):
         self.peak = rss_bytes()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # 5: reset the peak resident set size to the current one
+            self._kernel = _high_water_bytes() is not None
+        except OSError:
+            self._kernel = False
+        if not self._kernel:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
         return self
 
     def _run(self):
@@ -40,6 +64,9 @@ class PeakMemory:
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
+        if self._kernel:
+            self.peak = max(self.peak, _high_water_bytes() or 0, rss_bytes())
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
