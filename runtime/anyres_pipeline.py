@@ -22,7 +22,7 @@ from .anyres import AnyresPreprocessor, Layout
 from .anyres_stitch import POSITION_MODES, stitch_anyres
 from .pipeline import Pipeline, Result, Timings
 from .preprocess import load_image
-from .sampling import next_token
+from .decode_loop import decode
 
 
 def default_positions(bundle: str | Path, verify: str = "quick") -> str:
@@ -142,44 +142,11 @@ class AnyresPipeline(Pipeline):
                                                                   req["embeds"], req["positions"], req["next_pos"],
                                                                   req["offsets"])
         max_ctx = self.decoder_spec["max_context"]
-        budget = min(max_new_tokens, max_ctx - next_pos)
-        rng = np.random.default_rng(seed)
-        eos = self.decoder_spec.get("eos_token_id")
-        self.decoder.reset()
-        t0 = time.perf_counter()
-        logits = self.decoder.step(embeds, positions)
-        t.prefill_ms = (time.perf_counter() - t0) * 1e3
-        generated: list[int] = []
-        emitted = ""
-        stop = "length" if budget == max_new_tokens else "context"
-        t_first = None
-        step_position = np.zeros((1, 1), np.int64)
-        while True:
-            token = next_token(logits, temperature, top_p, rng)
-            if t_first is None:
-                t_first = time.perf_counter()
-                t.ttft_ms = (t_first - start) * 1e3
-            if token == eos and not ignore_eos:
-                stop = "eos"
-                break
-            generated.append(token)
-            if on_text is not None:
-                text = self.prompt.decode(generated)
-                if len(text) > len(emitted) and not text.endswith("\ufffd"):
-                    on_text(text[len(emitted):])
-                    emitted = text
-            if len(generated) >= budget:
-                break
-            step_position[0, 0] = next_pos
-            logits = self.decoder.step(self.table[token][None, None], step_position)
-            next_pos += 1
-        end = time.perf_counter()
-        t.total_ms = (end - start) * 1e3
-        steps_after_first = max(0, len(generated) - 1) if stop != "eos" else len(generated)
-        t.tpot_ms = (end - t_first) * 1e3 / steps_after_first if steps_after_first else 0.0
-        text = self.prompt.decode(generated)
-        if on_text is not None and len(text) > len(emitted):
-            on_text(text[len(emitted):])
+        out = decode(self.decoder, self.table, embeds, positions, next_pos, max_context=max_ctx,
+                     max_new_tokens=max_new_tokens, eos=self.decoder_spec.get("eos_token_id"),
+                     decode_text=self.prompt.decode, timings=t, start=start, temperature=temperature, top_p=top_p,
+                     seed=seed, on_text=on_text, ignore_eos=ignore_eos)
+        generated, text, stop = out.tokens, out.text, out.stop
         return Result(text=text, token_ids=generated, bucket=bucket["name"], keep=bucket["keep"],
                       visual_tokens_kept=len(offsets), visual_tokens_total=req["total"], prompt_tokens=embeds.shape[1],
                       tokens_generated=len(generated), stop_reason=stop, kept_indices=offsets.tolist(), timings=t)

@@ -20,7 +20,7 @@ from .fused_decoder import FusedDecoder
 from .gpu import detect_environment
 from .preprocess import Preprocessor, load_image
 from .prompt import PromptBuilder, load_tokenizer
-from .sampling import next_token
+from .decode_loop import decode
 from .stages import Stage, StagePlanner, fused_refusal
 from .stitch import POSITION_MODES, next_position, stitch
 
@@ -260,45 +260,11 @@ class Pipeline:
         t.vision_ms = (time.perf_counter() - t0) * 1e3 - text_ms
         embeds, positions, next_pos = stitch(ids, self.prompt.image_token_id, self.table, image_embeds, kept,
                                              self.num_patches, self.positions)
-        budget = min(max_new_tokens, max_ctx - next_pos)
-        rng = np.random.default_rng(seed)
-        eos = self.decoder_spec.get("eos_token_id")
-        self.decoder.reset()
-        t0 = time.perf_counter()
-        logits = self.decoder.step(embeds, positions)
-        t.prefill_ms = (time.perf_counter() - t0) * 1e3
-        generated: list[int] = []
-        emitted = ""
-        stop = "length" if budget == max_new_tokens else "context"
-        t_first = None
-        step_position = np.zeros((1, 1), np.int64)
-        rows = self.table.view(np.ndarray)  # the same mapped table; indexing a plain array skips np.memmap's overhead
-        while True:
-            token = next_token(logits, temperature, top_p, rng)
-            if t_first is None:
-                t_first = time.perf_counter()
-                t.ttft_ms = (t_first - start) * 1e3
-            if token == eos and not ignore_eos:
-                stop = "eos"
-                break
-            generated.append(token)
-            if on_text is not None:
-                text = self.prompt.decode(generated)
-                if len(text) > len(emitted) and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-                    on_text(text[len(emitted):])
-                    emitted = text
-            if len(generated) >= budget:
-                break
-            step_position[0, 0] = next_pos  # views and a preallocated position: nothing allocated per token
-            logits = self.decoder.step(rows[token][None, None], step_position)
-            next_pos += 1
-        end = time.perf_counter()
-        t.total_ms = (end - start) * 1e3
-        steps_after_first = max(0, len(generated) - 1) if stop != "eos" else len(generated)
-        t.tpot_ms = (end - t_first) * 1e3 / steps_after_first if steps_after_first else 0.0
-        text = self.prompt.decode(generated)
-        if on_text is not None and len(text) > len(emitted):
-            on_text(text[len(emitted):])
+        out = decode(self.decoder, self.table, embeds, positions, next_pos, max_context=max_ctx,
+                     max_new_tokens=max_new_tokens, eos=self.decoder_spec.get("eos_token_id"),
+                     decode_text=self.prompt.decode, timings=t, start=start, temperature=temperature, top_p=top_p,
+                     seed=seed, on_text=on_text, ignore_eos=ignore_eos)
+        generated, text, stop = out.tokens, out.text, out.stop
         return Result(
             text=text,
             token_ids=generated,

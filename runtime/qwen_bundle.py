@@ -15,11 +15,12 @@ from PIL import Image
 from vlmprune.bundle import load_manifest
 from vlmprune.errors import VlmpruneError
 
+from .decode_loop import decode
 from .pipeline import Pipeline, Result, Timings
 from .preprocess import load_image
 from .qwen_positions import MODES, stitch_qwen
 from .qwen_preprocess import QwenPreprocessor, clip_view
-from .sampling import check_generation_args, next_token
+from .sampling import check_generation_args
 
 
 class QwenBundlePipeline(Pipeline):
@@ -93,45 +94,11 @@ class QwenBundlePipeline(Pipeline):
         if next_pos >= max_ctx:  # the last position id counts (original positions leave gaps), not the token count
             raise VlmpruneError(f"the prompt's position ids reach {next_pos - 1}, past the model's context of "
                                 f"{max_ctx}", "shorten the prompt or use a bucket with fewer visual tokens (--keep)")
-        budget = min(max_new_tokens, max_ctx - next_pos)
-        rng = np.random.default_rng(seed)
-        eos = self.decoder_spec.get("eos_token_id")
-        self.decoder.reset()
-        t0 = time.perf_counter()
-        logits = self.decoder.step(embeds, positions)
-        t.prefill_ms = (time.perf_counter() - t0) * 1e3
-        generated: list[int] = []
-        emitted = ""
-        stop = "length" if budget == max_new_tokens else "context"
-        t_first = None
-        step_position = np.zeros((3, 1, 1), np.int64)
-        rows = self.table.view(np.ndarray)
-        while True:
-            token = next_token(logits, temperature, top_p, rng)
-            if t_first is None:
-                t_first = time.perf_counter()
-                t.ttft_ms = (t_first - start) * 1e3
-            if token == eos and not ignore_eos:
-                stop = "eos"
-                break
-            generated.append(token)
-            if on_text is not None:
-                text = self.prompt.decode(generated)
-                if len(text) > len(emitted) and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-                    on_text(text[len(emitted):])
-                    emitted = text
-            if len(generated) >= budget:
-                break
-            step_position[:] = next_pos  # one position on all three axes, as generate continues after the prompt
-            logits = self.decoder.step(rows[token][None, None], step_position)
-            next_pos += 1
-        end = time.perf_counter()
-        t.total_ms = (end - start) * 1e3
-        after_first = max(0, len(generated) - 1) if stop != "eos" else len(generated)
-        t.tpot_ms = (end - t_first) * 1e3 / after_first if after_first else 0.0
-        text = self.prompt.decode(generated)
-        if on_text is not None and len(text) > len(emitted):
-            on_text(text[len(emitted):])
+        out = decode(self.decoder, self.table, embeds, positions, next_pos, max_context=max_ctx,
+                     max_new_tokens=max_new_tokens, eos=self.decoder_spec.get("eos_token_id"),
+                     decode_text=self.prompt.decode, timings=t, start=start, temperature=temperature, top_p=top_p,
+                     seed=seed, position_rank=3, on_text=on_text, ignore_eos=ignore_eos)
+        generated, text, stop = out.tokens, out.text, out.stop
         return Result(text=text, token_ids=generated, bucket=bucket["name"], keep=bucket["keep"],
                       visual_tokens_kept=int(bucket["k"]), visual_tokens_total=self.num_patches,
                       prompt_tokens=int(embeds.shape[1]), tokens_generated=len(generated), stop_reason=stop,
