@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmprune import graph_io
 from vlmprune.atomic import DirLock, clean_leftovers, make_temp_dir, remove_temp, swap_dirs
 from vlmprune.bundle import Bundle
 from vlmprune.cli_common import HelpFormatter, main_wrapper, quiet_libraries, require_extra
@@ -67,7 +68,9 @@ def _text_embeds(bundle, manifest: dict, count: int) -> list[np.ndarray]:
     spec = manifest["text_encoder"]
     tok = load_tokenizer(bundle.path(spec["tokenizer"]), "CLIP tokenizer")
     enc = OrtBackend(bundle.path(spec["file"]))
-    embeds = [enc.run({"input_ids": np.asarray([tok.encode(p).ids])})["text_embeds"] for p in PROMPTS]
+    embeds = [graph_io.by_kind(spec["outputs"], enc.run(graph_io.feeds(
+        spec["inputs"], {"input_ids": np.asarray([tok.encode(p).ids])}, "text encoder")))["text_embeds"]
+        for p in PROMPTS]
     return [embeds[i % len(embeds)] for i in range(count)]
 
 
@@ -138,9 +141,11 @@ def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quant
     text_all = _text_embeds(bundle, manifest, len(pixels)) if manifest.get("text_encoder") else None
 
     def feeds_for(bucket, px, offset):
-        needs_text = any(i["name"] == "text_embeds" for i in bucket["inputs"])
-        return [{"pixel_values": px[i : i + 1], **({"text_embeds": text_all[offset + i]} if needs_text else {})}
-                for i in range(len(px))]
+        needs_text = graph_io.has(bucket["inputs"], "text_embeds")
+        where = f"bucket {bucket['name']}"
+        return [graph_io.feeds(bucket["inputs"], {"pixel_values": px[i : i + 1],
+                                                  **({"text_embeds": text_all[offset + i]} if needs_text else {})},
+                               where) for i in range(len(px))]
 
     report, tool = {}, None
     layers_run = (manifest.get("model") or {}).get("vision", {}).get("layers_run")

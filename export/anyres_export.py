@@ -174,15 +174,12 @@ def export_anyres_vision(req, adapter, buckets: list[AnyresBucket], target, need
 
 
 def anyres_manifest(manifest: dict, adapter, spec, tmp: Path) -> None:
-    """The anyres fields: views, layouts, the newline vector, the stitch layout and the method's default positions."""
+    """The anyres fields: layouts, the newline vector, the stitch layout and the method's default positions."""
     newline = adapter.image_newline.detach().float().numpy()
     np.save(tmp / "image_newline.npy", newline)
     vision = manifest["vision"]
-    vision["views"] = [{"name": v.name, "image_size": list(v.image_size), "grid": list(v.grid),
-                        "num_patches": v.num_patches, "has_cls": v.has_cls} for v in adapter.vision.views]
     vision["layouts"] = [{"name": lay.name, "rows": lay.rows, "cols": lay.cols, "pinpoint": list(lay.pinpoint),
                           "num_views": lay.num_views, "raster": list(lay.raster)} for lay in adapter.layouts]
-    vision["fp32_scopes"] = list(adapter.family.fp32_scopes)
     prompt = manifest["prompt"]
     prompt["stitch"] = "anyres_raster"
     prompt["positions"] = DEFAULT_POSITIONS.get(spec.name, "contiguous")

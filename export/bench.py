@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmprune import graph_io
 from vlmprune.cli_common import HelpFormatter, main_wrapper, quiet_libraries, require_extra
 from vlmprune.errors import VlmpruneError
 
@@ -101,14 +102,14 @@ def _bare_decoder_step_ms(pipe, cache_len: int, steps: int) -> float:
     kv_dtype = getattr(dec, "kv_dtype", np.dtype(np.float32))
     kv = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, spec["num_kv_heads"], cache_len, spec["head_dim"]), kv_dtype))
     binding = dec.session.io_binding()
-    binding.bind_cpu_input("inputs_embeds", np.zeros((1, 1, spec["hidden_size"]), dec.backend.inputs["inputs_embeds"]))
-    binding.bind_cpu_input("attention_mask", np.ones((1, cache_len + 1), np.int64))
+    io, types = dec.io, dec.backend.inputs  # the manifest's names, the session's dtypes
+    binding.bind_cpu_input(io.inputs_embeds, np.zeros((1, 1, spec["hidden_size"]), types[io.inputs_embeds]))
+    binding.bind_cpu_input(io.attention_mask, np.ones((1, cache_len + 1), types[io.attention_mask]))
     # [1, 1], or [3, 1, 1] for an M-RoPE decoder (the shape the runtime's decoder steps with)
-    binding.bind_cpu_input("position_ids", np.full(getattr(dec, "step_position", np.zeros((1, 1))).shape, cache_len,
-                                                   np.int64))
+    binding.bind_cpu_input(io.position_ids, np.full(dec.step_position.shape, cache_len, types[io.position_ids]))
     for name in dec.past_names:
         binding.bind_ortvalue_input(name, kv)
-    binding.bind_output("logits", "cpu")
+    binding.bind_output(io.logits, "cpu")
     for name in dec.present_names:
         binding.bind_output(name, "cpu")
     return _per_step_ms(lambda: dec.session.run_with_iobinding(binding), steps)
@@ -196,9 +197,10 @@ def run_bench(args) -> dict:
             text_embeds = pipe.text_embeds(args.prompt) if pipe.manifest["text_encoder"] else None
 
             def vision_call(bucket):
-                feeds = {"pixel_values": pixels}
-                if any(i["name"] == "text_embeds" for i in bucket["inputs"]):
-                    feeds["text_embeds"] = text_embeds
+                values = {"pixel_values": pixels}
+                if graph_io.has(bucket["inputs"], "text_embeds"):
+                    values["text_embeds"] = text_embeds
+                feeds = graph_io.feeds(bucket["inputs"], values, f"bucket {bucket['name']}")
                 backend = pipe.vision_backend(bucket)
                 return lambda: backend.run(feeds)
 

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from vlmprune import graph_io
 from vlmprune.errors import VlmpruneError
 
 TTFT_SPEEDUP_AT_025 = 3.0
@@ -72,9 +73,10 @@ def run_anyres_bench(args) -> dict:
         text_embeds = pipe.text_embeds(args.prompt) if pipe.manifest["text_encoder"] else None
 
         def vision_call(bucket):
-            f = dict(feeds)
-            if any(i["name"] == "text_embeds" for i in bucket["inputs"]):
-                f["text_embeds"] = text_embeds
+            values = dict(feeds)
+            if graph_io.has(bucket["inputs"], "text_embeds"):
+                values["text_embeds"] = text_embeds
+            f = graph_io.feeds(bucket["inputs"], values, f"bucket {bucket['name']}")
             backend = pipe.vision_backend(bucket)
             return lambda: backend.run(f)
 

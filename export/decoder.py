@@ -1,6 +1,6 @@
 """The LLM decoder with a KV cache that takes ``inputs_embeds``, and the token-embedding table.
 
-I/O follows the naming of optimum and ONNX Runtime GenAI: ``inputs_embeds [B, S, D]``, ``attention_mask [B, P+S]``,
+I/O follows the naming of optimum and ONNX Runtime GenAI by default (a family's ``decoder_io`` templates may differ): ``inputs_embeds [B, S, D]``, ``attention_mask [B, P+S]``,
 ``position_ids [B, S]``, ``past_key_values.{i}.key|value [B, Hkv, P, Dh]`` -> ``logits [B, S, V]``,
 ``present.{i}.key|value [B, Hkv, P+S, Dh]``; S and P dynamic (P may be 0 for the prefill).
 """
@@ -11,29 +11,31 @@ import torch
 from torch import Tensor, nn
 
 from vlmprune.models.adapter import VLMAdapter
+from vlmprune.models.registry import DecoderIO
 
 
-def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["inputs_embeds", "attention_mask", "position_ids"]
-    outputs = ["logits"]
+def decoder_io(io: DecoderIO, num_layers: int) -> tuple[list[str], list[str], dict, dict]:
+    """The graph's input and output names from the family's templates (``FAMILY.decoder_io``), the kind of each
+    (written into the manifest, which the runtime reads them from) and the dynamic axes."""
+    positions_axes = {1: "batch", 2: "sequence"} if io.position_rank == 3 else {0: "batch", 1: "sequence"}
+    inputs = [io.inputs_embeds, io.attention_mask, io.position_ids]
+    outputs = [io.logits]
+    kinds = {io.inputs_embeds: "inputs_embeds", io.attention_mask: "attention_mask", io.position_ids: "position_ids",
+             io.logits: "logits"}
+    axes = {io.inputs_embeds: {0: "batch", 1: "sequence"}, io.attention_mask: {0: "batch", 1: "total_sequence"},
+            io.position_ids: positions_axes, io.logits: {0: "batch", 1: "sequence"}}
     for i in range(num_layers):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs, outputs
-
-
-def decoder_dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
-    axes = {
-        "inputs_embeds": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch", 1: "sequence"},
-    }
-    for i in range(num_layers):
-        for kind in ("key", "value"):
-            axes[f"past_key_values.{i}.{kind}"] = {0: "batch", 2: "past_sequence"}
-            axes[f"present.{i}.{kind}"] = {0: "batch", 2: "total_sequence"}
-    return axes
+        for kv in ("key", "value"):
+            past = getattr(io, f"past_{kv}").format(layer=i)
+            present = getattr(io, f"present_{kv}").format(layer=i)
+            inputs.append(past)
+            outputs.append(present)
+            kinds[past], kinds[present] = (f"past_{kv}", i), (f"present_{kv}", i)
+            axes[past], axes[present] = {0: "batch", 2: "past_sequence"}, {0: "batch", 2: "total_sequence"}
+    # a template without {layer}, or two kinds on one name, would make names collide: refuse at export, not at run
+    if len(kinds) != len(inputs) + len(outputs):
+        raise ValueError(f"the decoder I/O templates {io} give colliding tensor names")
+    return inputs, outputs, kinds, axes
 
 
 class DecoderGraph(nn.Module):

@@ -34,6 +34,7 @@ from pathlib import Path
 import onnx
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.graph_io import standard_kind, with_kinds
 
 from .onnx_io import WeightsFile, save_graph
 from .quantize import BITS, quantize_decoder
@@ -241,9 +242,12 @@ def _record(folder: Path, adapter, precision: str, producer: dict, quantization:
     text = adapter.text
     names = {v["name"] for v in inputs}
     expected = {"inputs_embeds", "attention_mask", "past_key_values.0.key"}
-    if not expected <= names or "logits" not in dtype:
+    # the builder writes the standard names (graph_io.standard_kind): their kinds go into the manifest
+    kinds = {name: standard_kind(name) for name in dtype}
+    if not expected <= names or "logits" not in dtype or None in kinds.values():
         raise VlmpruneError(f"the model builder wrote a graph with inputs {sorted(names)[:5]}, not the expected ones",
                             "export with --no-fused-decoder, or report this")
+    inputs, outputs = with_kinds(inputs, kinds), with_kinds(outputs, kinds)
     ops = Counter(n.op_type for n in model.graph.node)
     return {
         "file": FILE,

@@ -17,11 +17,13 @@ import torch
 import vlmprune
 from vlmprune.bundle import SCHEMA_VERSION, write_manifest
 from vlmprune.errors import VlmpruneError
+from vlmprune.graph_io import DecoderNames, with_kinds
+from vlmprune.models.registry import DecoderIO
 from vlmprune.prune import get_method
 from vlmprune.prune.registry import validate_keep
 
 from .buckets import Bucket, plan_buckets
-from .decoder import DecoderGraph, decoder_dynamic_axes, decoder_io_names
+from .decoder import DecoderGraph, decoder_io
 from .decoder_fused import export_fused_decoder
 from .graphs import BucketVisionGraph, TextEncoderGraph
 from .lint import lint_all_targets
@@ -82,13 +84,18 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     return fold_constants(model, num_passes=2, error_ok=True, size_threshold=1 << 16)
 
 
-def _io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+def _io(model: onnx.ModelProto, kinds: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """The graph's inputs and outputs for the manifest, each with its kind (``vlmprune.graph_io``). ``kinds``: name ->
+    kind or (kind, layer); None for graphs whose tensors this exporter names by their kind (vision, text encoder)."""
     def describe(vi):
         tt = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim]
         return {"name": vi.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name}
 
-    return [describe(v) for v in model.graph.input], [describe(v) for v in model.graph.output]
+    inputs, outputs = [describe(v) for v in model.graph.input], [describe(v) for v in model.graph.output]
+    if kinds is None:
+        kinds = {v["name"]: v["name"] for v in inputs + outputs}
+    return with_kinds(inputs, kinds), with_kinds(outputs, kinds)
 
 
 def _versions() -> dict[str, str]:
@@ -413,27 +420,28 @@ def _release_vision(adapter) -> None:
 
 
 def _decoder_module(adapter):
-    """The decoder graph and its dynamic axes: M-RoPE families (``decoder_io.position_rank`` 3) take
+    """The decoder graph and the family's I/O templates: M-RoPE families (``decoder_io.position_rank`` 3) take
     ``position_ids [3, B, S]``."""
     family = getattr(adapter, "family", None)
-    if family is not None and family.decoder_io.position_rank == 3:
-        from .qwen_decoder import QwenDecoderGraph, qwen_decoder_axes
+    io = family.decoder_io if family is not None else DecoderIO()
+    if io.position_rank == 3:
+        from .qwen_decoder import QwenDecoderGraph
 
-        return QwenDecoderGraph(adapter).eval(), qwen_decoder_axes(adapter.text.num_layers)
-    return DecoderGraph(adapter).eval(), decoder_dynamic_axes(adapter.text.num_layers)
+        return QwenDecoderGraph(adapter).eval(), io
+    return DecoderGraph(adapter).eval(), io
 
 
 def export_decoder(req, adapter, target, tmp: Path, scratch: Path, steps: Steps,
                    checks: list) -> tuple[dict, dict, dict | None]:
     """The KV-cache decoder in its precision: fp32/fp16 as traced, int8/int4 weight-only (MatMulNBits)."""
     precision = req.decoder_precision
-    decoder, axes = _decoder_module(adapter)
+    decoder, io = _decoder_module(adapter)
     dtype = next(decoder.lm.parameters()).dtype
     float_name = "float16" if dtype == torch.float16 else "float32"
     text = adapter.text
     quantization = None
     with steps.step(f"export decoder ({precision})"):
-        names_in, names_out = decoder_io_names(text.num_layers)
+        names_in, names_out, kinds, axes = decoder_io(io, text.num_layers)
         model = export_onnx(decoder, decoder.example_inputs(dtype=dtype), scratch / "decoder.onnx",
                             input_names=names_in, output_names=names_out,
                             dynamic_axes=axes, opset=target.opset,
@@ -454,7 +462,7 @@ def export_decoder(req, adapter, target, tmp: Path, scratch: Path, steps: Steps,
             lint["decoder.onnx"] = lint_all_targets(model)
             _check_lint("decoder.onnx", lint["decoder.onnx"], target)
         save_graph(model, tmp / "decoder.onnx")
-        dec_in, dec_out = _io(model)
+        dec_in, dec_out = _io(model, kinds)
         del model
         np.save(tmp / "embed_tokens.npy", adapter.embedding_table().detach().numpy())
         _trim()
@@ -463,7 +471,9 @@ def export_decoder(req, adapter, target, tmp: Path, scratch: Path, steps: Steps,
     if req.validate:
         with steps.step(f"validate decoder.onnx ({precision}, {GREEDY_TOKENS} greedy tokens against fp32 PyTorch)"):
             prompt_ids = adapter.tokenizer(VALIDATION_PROMPT)["input_ids"]
-            found, summary = validate_decoder(tmp, "decoder.onnx", decoder, adapter, precision, prompt_ids)
+            io_names = DecoderNames.of({"inputs": dec_in, "outputs": dec_out, "num_layers": text.num_layers})
+            found, summary = validate_decoder(tmp, "decoder.onnx", decoder, adapter, precision, prompt_ids,
+                                              io=io_names)
             checks += found
     record = {
         "file": "decoder.onnx",
@@ -529,6 +539,11 @@ def _manifest(req, adapter, spec, options, target, vision_records, text_record, 
         "vision": {
             "view": {"name": view.name, "image_size": list(view.image_size), "grid": list(view.grid),
                      "num_patches": view.num_patches, "has_cls": view.has_cls},
+            # every view the graphs take (anyres: the base view, then the crops), and the layers that stay fp32 in
+            # reduced-precision engines (prune-build) and unquantised (prune-calibrate), as the family declares them
+            "views": [{"name": v.name, "image_size": list(v.image_size), "grid": list(v.grid),
+                       "num_patches": v.num_patches, "has_cls": v.has_cls} for v in adapter.vision.views],
+            "fp32_scopes": list(adapter.family.fp32_scopes),
             "weights": "vision.weights",
             "buckets": vision_records,
         },

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .decoder import DecoderGraph, decoder_dynamic_axes
+from .decoder import DecoderGraph
 
 
 class QwenDecoderGraph(DecoderGraph):
@@ -17,7 +17,3 @@ class QwenDecoderGraph(DecoderGraph):
         return (embeds, mask, rows, *cache)
 
 
-def qwen_decoder_axes(num_layers: int) -> dict:
-    axes = decoder_dynamic_axes(num_layers)
-    axes["position_ids"] = {1: "batch", 2: "sequence"}
-    return axes

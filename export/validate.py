@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlmprune.graph_io import DecoderNames
+
 # |ort - torch| <= ATOL + RTOL * max|torch|, per output.
 TOLERANCE = {"fp32": {"atol": 1e-4, "rtol": 1e-4, "min_overlap": 1.0}, "fp16": {"atol": 2e-2, "rtol": 2e-2, "min_overlap": 0.9}}
 
@@ -169,24 +171,26 @@ def _decoder_session(path: Path, half: bool):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _ort_greedy(sess, prompt: np.ndarray, table, tokens: int) -> tuple[list[np.ndarray], list[int]]:
-    """Greedy decoding in ONNX Runtime with its own KV cache, fed as the runtime feeds it. Returns the prefill's
-    logits (every position) followed by one row per step, and the tokens chosen."""
-    names = [i.name for i in sess.get_inputs()]
-    types = {i.name: i.type for i in sess.get_inputs()}
-    float_t = np.float16 if types["inputs_embeds"] == "tensor(float16)" else np.float32
-    kv_input = next(i for i in sess.get_inputs() if i.name.startswith("past_key_values."))
-    rank = len(next(i for i in sess.get_inputs() if i.name == "position_ids").shape)
+def _ort_greedy(sess, io: DecoderNames, prompt: np.ndarray, table,
+                tokens: int) -> tuple[list[np.ndarray], list[int]]:
+    """Greedy decoding in ONNX Runtime with its own KV cache, fed as the runtime feeds it (by the names ``io`` that go
+    into the manifest). Returns the prefill's logits (every position) followed by one row per step, and the tokens
+    chosen."""
+    types = {i.name: i for i in sess.get_inputs()}
+    float_t = np.float16 if types[io.inputs_embeds].type == "tensor(float16)" else np.float32
+    kv_input = types[io.past[0]]
+    rank = io.position_rank
     kv_t = np.float16 if kv_input.type == "tensor(float16)" else np.float32
-    cache = [np.zeros((1, kv_input.shape[1], 0, kv_input.shape[3]), kv_t) for _ in names[3:]]
-    outputs = ["logits", *[o.name for o in sess.get_outputs() if o.name.startswith("present.")]]
+    cache = [np.zeros((1, kv_input.shape[1], 0, kv_input.shape[3]), kv_t) for _ in io.past]
+    outputs = [io.logits, *io.present]
     logits_rows, path, length, x = [], [], 0, prompt
     for _ in range(tokens):
         seq = x.shape[1]
         positions = np.arange(length, length + seq, dtype=np.int64)[None]
         if rank == 3:  # M-RoPE (Qwen2.5-VL): a text-only prompt has the same position on all three axes
             positions = np.ascontiguousarray(np.broadcast_to(positions, (3, 1, seq)))
-        feeds = dict(zip(names, [x.astype(float_t), np.ones((1, length + seq), np.int64), positions, *cache]))
+        feeds = dict(zip([io.inputs_embeds, io.attention_mask, io.position_ids, *io.past],
+                         [x.astype(float_t), np.ones((1, length + seq), np.int64), positions, *cache]))
         out = sess.run(outputs, feeds)
         cache, length = out[1:], length + seq
         logits = out[0][0].astype(np.float32)
@@ -197,7 +201,8 @@ def _ort_greedy(sess, prompt: np.ndarray, table, tokens: int) -> tuple[list[np.n
 
 
 def validate_decoder(folder: Path, file: str, module, adapter, precision: str, prompt_ids: list[int],
-                     tokens: int = GREEDY_TOKENS, greedy=None) -> tuple[list[Check], dict]:
+                     tokens: int = GREEDY_TOKENS, greedy=None, io: DecoderNames | None = None
+                     ) -> tuple[list[Check], dict]:
     """The exported decoder against the fp32 PyTorch decoder on the validation prompt.
 
     ONNX Runtime decodes ``tokens`` tokens greedily with its KV cache; then fp32 PyTorch reads the prompt followed by
@@ -207,13 +212,13 @@ def validate_decoder(folder: Path, file: str, module, adapter, precision: str, p
     free-running greedy decoding of the two would first diverge.
 
     ``greedy(prompt, table, tokens) -> (rows, path)`` replaces the session's decoding (the fused decoder's runner,
-    whose prefill row holds the last position only)."""
+    whose prefill row holds the last position only); ``io``: the graph's names as the manifest will record them."""
     tol = DECODER_TOLERANCE[precision]
     table = adapter.embedding_table().detach()
     prompt = table[torch.as_tensor(prompt_ids)].float().unsqueeze(0)
     if greedy is None:
         sess = _decoder_session(folder / file, half=precision == "fp16")
-        greedy = functools.partial(_ort_greedy, sess)
+        greedy = functools.partial(_ort_greedy, sess, io)
     rows, path = greedy(prompt.numpy(), table.float().numpy() if table.dtype != torch.float16 else table.numpy(),
                         tokens)
     greedy = sess = None
@@ -278,7 +283,8 @@ def validate_fused_decoder(folder: Path, record: dict, module, adapter, prompt_i
     sess = _decoder_session(folder / record["file"], half=record["kv_dtype"] == "float16")
     types = {i.name: np.float16 if i.type == "tensor(float16)" else np.int64 if i.type == "tensor(int64)" else
              np.float32 for i in sess.get_inputs()}
-    backend = SimpleNamespace(session=sess, inputs=types, providers=["CPUExecutionProvider"])
+    backend = SimpleNamespace(session=sess, inputs=types, outputs=[o.name for o in sess.get_outputs()],
+                              providers=["CPUExecutionProvider"])
     decoder = FusedDecoder(backend, record, capacity=len(prompt_ids) + tokens)
 
     def greedy(prompt: np.ndarray, table: np.ndarray, n: int):

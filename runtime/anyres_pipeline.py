@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from vlmprune import graph_io
 from vlmprune.bundle import bucket_for, load_manifest
 from vlmprune.errors import VlmpruneError
 
@@ -81,13 +82,14 @@ class AnyresPipeline(Pipeline):
         return bucket_for({"vision": {"buckets": mine}}, keep)
 
     def vision_anyres(self, pixels: np.ndarray, layout: Layout, size_hw, bucket: dict, prompt: str):
-        feeds = {"pixel_values": pixels, "valid_mask": layout.valid_mask(size_hw).astype(np.float32)}
+        values = {"pixel_values": pixels, "valid_mask": layout.valid_mask(size_hw).astype(np.float32)}
         t0 = time.perf_counter()
         text_ms = 0.0
-        if any(i["name"] == "text_embeds" for i in bucket["inputs"]):
-            feeds["text_embeds"] = self.text_embeds(prompt)
+        if graph_io.has(bucket["inputs"], "text_embeds"):
+            values["text_embeds"] = self.text_embeds(prompt)
             text_ms = (time.perf_counter() - t0) * 1e3
-        return self.vision_backend(bucket).run(feeds), text_ms
+        out = self.vision_backend(bucket).run(graph_io.feeds(bucket["inputs"], values, f"bucket {bucket['name']}"))
+        return graph_io.by_kind(bucket["outputs"], out), text_ms
 
     def request(self, image: Image.Image | str | Path, prompt: str, *, keep: float | None = None,
                 bucket: dict | None = None) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.graph_io import DecoderNames
 
 _PREFERRED = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -112,19 +113,25 @@ class OrtDecoder:
         self.layers = spec["num_layers"]
         self.kv_shape = (1, spec["num_kv_heads"], 0, spec["head_dim"])
         self.kv_dtype = np.dtype(spec.get("kv_dtype", "float32"))
-        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
-        self.present_names = [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
+        self.io = io = DecoderNames.of(spec)  # every tensor name from the manifest
+        if io.position_ids is None:
+            raise VlmpruneError("the manifest's decoder lists no position_ids input", "re-export the bundle")
+        self.past_names, self.present_names = list(io.past), list(io.present)
         # presents stay where the session computes: CUDA memory under the CUDA or the TensorRT provider
         self.device = "cuda" if backend.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         import onnxruntime as ort
 
         types = backend.inputs
-        self.mask = np.ones((1, spec["max_context"]), types["attention_mask"])
-        self.step_embeds = np.zeros((1, 1, spec["hidden_size"]), types["inputs_embeds"])
+        missing = [n for n in (io.inputs_embeds, io.attention_mask, io.position_ids, *io.past) if n not in types]
+        missing += [n for n in (io.logits, *io.present) if n not in backend.outputs]
+        if missing:
+            raise VlmpruneError(f"{spec['file']} lacks the tensors {', '.join(missing[:3])} the manifest promises",
+                                "re-export the bundle")
+        self.mask = np.ones((1, spec["max_context"]), types[io.attention_mask])
+        self.step_embeds = np.zeros((1, 1, spec["hidden_size"]), types[io.inputs_embeds])
         # [B, S] positions, or M-RoPE's [3, B, S] (Qwen2.5-VL): a generated token has one position on all three axes
-        rank = len(next(i for i in self.session.get_inputs() if i.name == "position_ids").shape)
-        self.step_position = np.zeros((3, 1, 1) if rank == 3 else (1, 1), types["position_ids"])
-        logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
+        self.step_position = np.zeros((3, 1, 1) if io.position_rank == 3 else (1, 1), types[io.position_ids])
+        logits_type = next(o.type for o in self.session.get_outputs() if o.name == io.logits)
         logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
         self.logits = np.zeros((1, 1, spec["vocab_size"]), logits_dtype)
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)  # wraps self.logits, no copy
@@ -154,16 +161,17 @@ class OrtDecoder:
         else:
             x = self._prefill = np.ascontiguousarray(embeds, self.step_embeds.dtype)
             pos = self._positions = np.ascontiguousarray(positions, self.step_position.dtype)
-        binding.bind_input("inputs_embeds", "cpu", 0, x.dtype.type, list(x.shape), x.ctypes.data)
-        binding.bind_input("position_ids", "cpu", 0, pos.dtype.type, list(pos.shape), pos.ctypes.data)
-        binding.bind_input("attention_mask", "cpu", 0, self.mask.dtype.type, [1, self.length + seq],
+        io = self.io
+        binding.bind_input(io.inputs_embeds, "cpu", 0, x.dtype.type, list(x.shape), x.ctypes.data)
+        binding.bind_input(io.position_ids, "cpu", 0, pos.dtype.type, list(pos.shape), pos.ctypes.data)
+        binding.bind_input(io.attention_mask, "cpu", 0, self.mask.dtype.type, [1, self.length + seq],
                            self.mask.ctypes.data)
         for name, value in zip(self.past_names, self.past):
             binding.bind_ortvalue_input(name, value)
         if seq == 1:
-            binding.bind_ortvalue_output("logits", self._logits_value)
+            binding.bind_ortvalue_output(io.logits, self._logits_value)
         else:  # a prefill's logits are [1, S, V]: allocated once per request
-            binding.bind_output("logits", "cpu")
+            binding.bind_output(io.logits, "cpu")
         for name in self.present_names:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from vlmprune import graph_io
 from vlmprune.cli_common import HelpFormatter, main_wrapper, quiet_libraries
 
 
@@ -193,7 +194,7 @@ def viz_main(argv=None):
             _, kept, _ = pipe.vision(pixels, bucket, args.prompt)
             pool = POOLING.get(bucket["method"], 0)
             pooled |= bool(pool)
-            text_guided = any(i["name"] == "text_embeds" for i in bucket["inputs"])
+            text_guided = graph_io.has(bucket["inputs"], "text_embeds")
             title = f"{bucket['method']} keep {bucket['keep']}: {bucket['k']}/{pipe.num_patches} tokens"
             if not note:
                 note = ("every patch averaged into %dx%d windows, none dropped" % (pool, pool) if pool else

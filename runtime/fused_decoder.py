@@ -15,12 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.graph_io import DecoderNames
 
 from .backends import OrtBackend
-
-
-def _kv_names(layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
 
 class FusedDecoder:
@@ -36,15 +33,16 @@ class FusedDecoder:
         self.spec = spec
         self.layers = spec["num_layers"]
         self.capacity = min(int(capacity or spec["buffer_length"]), int(spec["buffer_length"]))
-        self.past_names = _kv_names(self.layers, "past_key_values")
-        self.present_names = _kv_names(self.layers, "present")
-        missing = [n for n in ["inputs_embeds", "attention_mask", *self.past_names] if n not in backend.inputs]
+        self.io = io = DecoderNames.of(spec, "decoder_fused")  # every tensor name from the manifest
+        self.past_names, self.present_names = list(io.past), list(io.present)
+        missing = [n for n in [io.inputs_embeds, io.attention_mask, *self.past_names] if n not in backend.inputs]
+        missing += [n for n in [io.logits, *self.present_names] if n not in backend.outputs]
         if missing:
             raise VlmpruneError(f"{spec['file']} lacks the inputs {', '.join(missing[:3])} the manifest promises",
                                 "re-export the bundle")
-        self.embeds_dtype = np.dtype(backend.inputs["inputs_embeds"])
+        self.embeds_dtype = np.dtype(backend.inputs[io.inputs_embeds])
         self.kv_dtype = np.dtype(backend.inputs[self.past_names[0]])
-        logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
+        logits_type = next(o.type for o in self.session.get_outputs() if o.name == io.logits)
         logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
         # The cache lives where the session computes (CUDA memory on the CUDA provider); inputs and logits are
         # host buffers that ONNX Runtime copies as needed.
@@ -57,7 +55,7 @@ class FusedDecoder:
             self.cache_arrays = None
             self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(kv_shape, self.kv_dtype, self.device, 0)
                           for _ in self.past_names]
-        self.mask = np.ones((1, self.capacity), np.int64)
+        self.mask = np.ones((1, self.capacity), backend.inputs[io.attention_mask])
         self.step_embeds = np.zeros((1, 1, spec["hidden_size"]), self.embeds_dtype)
         self.logits = np.zeros((1, 1, spec["vocab_size"]), logits_dtype)
         self.binding = self.session.io_binding()
@@ -65,7 +63,7 @@ class FusedDecoder:
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)  # wraps self.logits, no copy
-        self.binding.bind_ortvalue_output("logits", self._logits_value)
+        self.binding.bind_ortvalue_output(io.logits, self._logits_value)
         self._prefill = None  # keeps a prefill's input alive while it is bound
         self.hidden = spec["hidden_size"]
         self._embeds_type = self.embeds_dtype.type
@@ -84,9 +82,10 @@ class FusedDecoder:
         seq = embeds.shape[1]
         pointer = self._step_pointer if embeds is self.step_embeds else embeds.ctypes.data
         if (pointer, seq) != self._bound:  # a generation step re-binds only the mask's length
-            self.binding.bind_input("inputs_embeds", "cpu", 0, self._embeds_type, [1, seq, self.hidden], pointer)
+            self.binding.bind_input(self.io.inputs_embeds, "cpu", 0, self._embeds_type, [1, seq, self.hidden], pointer)
             self._bound = (pointer, seq)
-        self.binding.bind_input("attention_mask", "cpu", 0, np.int64, [1, cache_length + seq], self._mask_pointer)
+        self.binding.bind_input(self.io.attention_mask, "cpu", 0, self.mask.dtype.type, [1, cache_length + seq],
+                                self._mask_pointer)
 
     def step(self, embeds: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
         """Run S new tokens; returns the logits of the last one ``[V]``, a view that the next step overwrites."""

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from vlmprune import graph_io
 from vlmprune.bundle import Bundle, bucket_for
 from vlmprune.errors import VlmpruneError
 
@@ -193,16 +194,18 @@ class Pipeline:
         ids = enc.ids
         if len(ids) > spec["max_length"]:  # CLIP's 77-token window: keep the start and the end-of-text token
             ids = ids[: spec["max_length"] - 1] + ids[-1:]
-        return self._text.run({"input_ids": np.asarray([ids])})["text_embeds"]
+        out = self._text.run(graph_io.feeds(spec["inputs"], {"input_ids": np.asarray([ids])}, "text encoder"))
+        return graph_io.by_kind(spec["outputs"], out)["text_embeds"]
 
     def vision(self, pixel_values: np.ndarray, bucket: dict, prompt: str) -> tuple[np.ndarray, np.ndarray, float]:
-        feeds = {"pixel_values": pixel_values}
+        values = {"pixel_values": pixel_values}
         t0 = time.perf_counter()
         text_ms = 0.0
-        if any(i["name"] == "text_embeds" for i in bucket["inputs"]):
-            feeds["text_embeds"] = self.text_embeds(prompt)
+        if graph_io.has(bucket["inputs"], "text_embeds"):
+            values["text_embeds"] = self.text_embeds(prompt)
             text_ms = (time.perf_counter() - t0) * 1e3
-        out = self.vision_backend(bucket).run(feeds)
+        out = self.vision_backend(bucket).run(graph_io.feeds(bucket["inputs"], values, f"bucket {bucket['name']}"))
+        out = graph_io.by_kind(bucket["outputs"], out)
         return out["image_embeds"], out["kept_indices"].astype(np.int64), text_ms
 
     def generate(

@@ -45,15 +45,16 @@ def profile_ort(bundle, manifest: dict, iterations: int, warmup: int) -> list[di
 
     rows = []
     rng = np.random.default_rng(0)
-    view = manifest["vision"]["view"]
-    pixels = rng.standard_normal((1, 3, *view["image_size"])).astype(np.float32)
     for b in manifest["vision"]["buckets"]:
         backend = OrtBackend(bundle.path(b["file"]))
-        feeds = {"pixel_values": pixels}
-        if "text_embeds" in backend.inputs:
-            dim = manifest["text_encoder"]["projection_dim"]
-            t = rng.standard_normal((1, dim)).astype(np.float32)
-            feeds["text_embeds"] = t / np.linalg.norm(t)
+        feeds = {}
+        for entry in b["inputs"]:  # synthetic inputs of the recorded shapes and dtypes (the graphs are static)
+            shape = [d if isinstance(d, int) else 1 for d in entry["shape"]]
+            if entry["kind"] == "valid_mask":  # every position of the layout valid: the most work
+                feeds[entry["name"]] = np.ones(shape, entry["dtype"])
+                continue
+            x = rng.standard_normal(shape).astype(entry["dtype"])
+            feeds[entry["name"]] = x / np.linalg.norm(x) if entry["kind"] == "text_embeds" else x
         times = timed(lambda: backend.run(feeds), repeats=iterations, warmup=warmup)
         rows.append(_row(b["name"], b, _stats_ms(times), "onnxruntime-cpu", metric="CPU latency"))
     return rows

@@ -52,8 +52,12 @@ class PromptBuilder:
         if count > 1:
             raise VlmpruneError(f"the prompt holds {count} image placeholders {self.image_token!r}",
                                 "vlmprune takes one image per prompt; keep at most one placeholder")
-        if self.template is None:
-            return prompt if count else f"{self.image_token}\n{prompt}"
+        if self.template is None:  # no template to say where the image goes, and none is invented
+            if not count:
+                raise VlmpruneError(f"the bundle has no chat template, so the prompt must hold the image placeholder "
+                                    f"{self.image_token!r} where the image goes",
+                                    f"write e.g. \"{self.image_token}\\n{prompt[:40]}\"")
+            return prompt
         return self._messages(prompt, count)
 
     def encode(self, prompt: str) -> list[int]:

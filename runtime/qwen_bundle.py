@@ -12,8 +12,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from vlmprune import graph_io
 from vlmprune.bundle import load_manifest
 from vlmprune.errors import VlmpruneError
+from vlmprune.graph_io import DecoderNames
 
 from .decode_loop import decode
 from .pipeline import Pipeline, Result, Timings
@@ -37,7 +39,7 @@ class QwenBundlePipeline(Pipeline):
         m = self.manifest
         if m["preprocessing"].get("kind") != "qwen2_vl":
             raise VlmpruneError(f"bundle {self.folder} is not a Qwen2.5-VL bundle", "use Pipeline")
-        rank = next((len(i["shape"]) for i in m["decoder"]["inputs"] if i["name"] == "position_ids"), 0)
+        rank = DecoderNames.of(m["decoder"]).position_rank
         if rank != 3:
             raise VlmpruneError(f"bundle {self.folder}: its decoder takes position_ids of rank {rank}, not M-RoPE's 3",
                                 "re-export the bundle")
@@ -50,13 +52,21 @@ class QwenBundlePipeline(Pipeline):
         """``Pipeline.vision`` for the generic callers (prune-viz): the image the pixels came from (the last one
         ``self.preprocess`` saw) gives GridPrune's auxiliary-CLIP view."""
         t = Timings()
-        feeds = self._vision_feeds(pixel_values, self.preprocess.last_image, bucket, prompt, t)
-        out = self.vision_backend(bucket).run(feeds)
+        out = self._run_vision(pixel_values, self.preprocess.last_image, bucket, prompt, t)
         return out["image_embeds"], out["kept_indices"].astype(np.int64), t.text_encoder_ms
 
+    def _run_vision(self, pixels: np.ndarray, image: Image.Image, bucket: dict, prompt: str, t: Timings) -> dict:
+        """The bucket's vision graph on the image; its outputs by kind (``t``: preprocessing, text and vision time)."""
+        feeds = self._vision_feeds(pixels, image, bucket, prompt, t)
+        t0 = time.perf_counter()
+        out = self.vision_backend(bucket).run(feeds)
+        t.vision_ms = (time.perf_counter() - t0) * 1e3
+        return graph_io.by_kind(bucket["outputs"], out)
+
     def _vision_feeds(self, pixels: np.ndarray, image: Image.Image, bucket: dict, prompt: str, t: Timings) -> dict:
+        """The bucket graph's feeds, keyed by its recorded input names (``t``: preprocessing and text time)."""
         feeds = {"pixel_values": pixels}
-        if any(i["name"] == "text_embeds" for i in bucket["inputs"]):  # GridPrune: the auxiliary CLIP's inputs
+        if graph_io.has(bucket["inputs"], "text_embeds"):  # GridPrune: the auxiliary CLIP's inputs
             if not self.clip_constants:
                 raise VlmpruneError("the bundle's GridPrune graph needs its auxiliary_clip block, which is missing",
                                     "re-export the bundle")
@@ -66,7 +76,7 @@ class QwenBundlePipeline(Pipeline):
             feeds["text_embeds"] = self.text_embeds(prompt)
             t.preprocess_ms += (t1 - t0) * 1e3
             t.text_encoder_ms = (time.perf_counter() - t1) * 1e3
-        return feeds
+        return graph_io.feeds(bucket["inputs"], feeds, f"bucket {bucket['name']}")
 
     def generate(self, image: Image.Image | str | Path, prompt: str, *, keep: float | None = None,
                  bucket: dict | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
@@ -83,10 +93,7 @@ class QwenBundlePipeline(Pipeline):
         pixels = self.qwen_preprocess(image)
         t.preprocess_ms = (time.perf_counter() - start) * 1e3
         ids = self.prompt.encode(prompt)
-        feeds = self._vision_feeds(pixels, image, bucket, prompt, t)
-        t0 = time.perf_counter()
-        out = self.vision_backend(bucket).run(feeds)
-        t.vision_ms = (time.perf_counter() - t0) * 1e3
+        out = self._run_vision(pixels, image, bucket, prompt, t)
         kept = out["kept_indices"].astype(np.int64)[0]
         embeds, positions, next_pos = stitch_qwen(ids, self.prompt.image_token_id, self.table, out["image_embeds"],
                                                   kept, self.grid, self.positions)

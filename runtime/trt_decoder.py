@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.graph_io import DecoderNames
 
-from .trt_profile import covers, decoder_profile, kv_names
+from .trt_profile import covers, decoder_profile
 
 REBUILD = "rebuild it with `prune-build BUNDLE --decoder` for this bundle"
 
@@ -44,9 +45,10 @@ REBUILD = "rebuild it with `prune-build BUNDLE --decoder` for this bundle"
 
 @dataclass
 class Copy:
-    tensor: str
+    tensor: str  # the graph's name for it (from the manifest)
     direction: str  # "H2D" or "D2H"
     nbytes: int
+    kind: str = ""  # what it is (``graph_io`` kinds)
 
 
 @dataclass
@@ -62,9 +64,10 @@ class BindingPlan:
 
     def prefill(self, seq: int, hidden_bytes: int) -> list[Copy]:
         """Host copies of a prefill of ``seq`` tokens (``hidden_bytes``: one token's embedding)."""
-        pos = next(c for c in self.decode if c.tensor == "position_ids").nbytes
-        logits = next(c for c in self.decode if c.tensor == "logits")
-        return [Copy("inputs_embeds", "H2D", seq * hidden_bytes), Copy("position_ids", "H2D", seq * pos), logits]
+        embeds, pos, logits = (next(c for c in self.decode if c.kind == k)
+                               for k in ("inputs_embeds", "position_ids", "logits"))
+        return [Copy(embeds.tensor, "H2D", seq * hidden_bytes, embeds.kind),
+                Copy(pos.tensor, "H2D", seq * pos.nbytes, pos.kind), logits]
 
     def summary(self) -> str:
         h2d = sum(c.nbytes for c in self.decode if c.direction == "H2D")
@@ -95,16 +98,16 @@ def manifest_dtypes(spec: dict, trt_version: str | None) -> dict[str, np.dtype]:
 
 def binding_plan(spec: dict, capacity: int, dtypes: dict[str, np.dtype]) -> BindingPlan:
     h, dh, hid, vocab = spec["num_kv_heads"], spec["head_dim"], spec["hidden_size"], spec["vocab_size"]
-    pasts = kv_names(spec["num_layers"], "past_key_values")
-    kv = sum(2 * capacity * h * dh * np.dtype(dtypes[n]).itemsize for n in pasts)
-    plan = BindingPlan(capacity, kv_tensors=len(pasts))
-    plan.device = {"kv_cache": kv, "attention_mask": capacity * np.dtype(dtypes["attention_mask"]).itemsize,
-                   "inputs_embeds": hid * np.dtype(dtypes["inputs_embeds"]).itemsize,
-                   "position_ids": np.dtype(dtypes["position_ids"]).itemsize,
-                   "logits": vocab * np.dtype(dtypes["logits"]).itemsize}
-    plan.decode = [Copy("inputs_embeds", "H2D", plan.device["inputs_embeds"]),
-                   Copy("position_ids", "H2D", plan.device["position_ids"]),
-                   Copy("logits", "D2H", plan.device["logits"])]
+    io = DecoderNames.of(spec)
+    kv = sum(2 * capacity * h * dh * np.dtype(dtypes[n]).itemsize for n in io.past)
+    plan = BindingPlan(capacity, kv_tensors=len(io.past))
+    plan.device = {"kv_cache": kv, "attention_mask": capacity * np.dtype(dtypes[io.attention_mask]).itemsize,
+                   "inputs_embeds": hid * np.dtype(dtypes[io.inputs_embeds]).itemsize,
+                   "position_ids": np.dtype(dtypes[io.position_ids]).itemsize,
+                   "logits": vocab * np.dtype(dtypes[io.logits]).itemsize}
+    plan.decode = [Copy(io.inputs_embeds, "H2D", plan.device["inputs_embeds"], "inputs_embeds"),
+                   Copy(io.position_ids, "H2D", plan.device["position_ids"], "position_ids"),
+                   Copy(io.logits, "D2H", plan.device["logits"], "logits")]
     return plan
 
 
@@ -163,16 +166,19 @@ class TrtDecoder:
         memory and a stream (``CudaMemory``); ``capacity``: tokens the cache holds (default and maximum: the
         manifest's context)."""
         self.engine, self.memory, self.trt, self.spec, self.name = engine, memory, trt, spec, name
-        self.past_names = kv_names(spec["num_layers"], "past_key_values")
-        self.present_names = kv_names(spec["num_layers"], "present")
+        self.io = io = DecoderNames.of(spec)  # every tensor name from the manifest
+        if io.position_ids is None or io.position_rank != 2:
+            raise VlmpruneError(f"the TensorRT decoder takes [B, S] position ids; this bundle's decoder takes rank "
+                                f"{io.position_rank}", "run the decoder on ONNX Runtime (no --engines decoder)")
+        self.past_names, self.present_names = list(io.past), list(io.present)
         inputs, dtypes = set(), {}
         for i in range(engine.num_io_tensors):
             tensor = engine.get_tensor_name(i)
             dtypes[tensor] = np.dtype(trt.nptype(engine.get_tensor_dtype(tensor)))
             if engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT:
                 inputs.add(tensor)
-        wanted_in = ["inputs_embeds", "attention_mask", "position_ids", *self.past_names]
-        missing = [t for t in wanted_in if t not in inputs] + [t for t in ["logits", *self.present_names]
+        wanted_in = [io.inputs_embeds, io.attention_mask, io.position_ids, *self.past_names]
+        missing = [t for t in wanted_in if t not in inputs] + [t for t in [io.logits, *self.present_names]
                                                                  if t not in dtypes or t in inputs]
         if missing:
             raise VlmpruneError(f"{name} lacks the tensors {', '.join(missing[:3])} of the manifest's decoder", REBUILD)
@@ -185,7 +191,7 @@ class TrtDecoder:
         if problems:
             raise VlmpruneError(f"{name}'s optimisation profile does not cover the manifest's: {problems[0]}", REBUILD)
         self.capacity = min(int(capacity or spec["max_context"]), int(spec["max_context"]))
-        self.max_seq = engine_profile["inputs_embeds"][2][1]
+        self.max_seq = engine_profile[io.inputs_embeds][2][1]
         self.plan = binding_plan(spec, self.capacity, dtypes)
         self.hidden, self.heads, self.head_dim = spec["hidden_size"], spec["num_kv_heads"], spec["head_dim"]
         self.context = engine.create_execution_context()
@@ -195,16 +201,16 @@ class TrtDecoder:
         # resident device buffers, allocated once
         kv_bytes = [self.capacity * self.heads * self.head_dim * dtypes[t].itemsize for t in self.past_names]
         self.kv = [[memory.alloc(n, "KV cache") for n in kv_bytes] for _ in range(2)]
-        self.mask_ptr = memory.alloc(self.capacity * dtypes["attention_mask"].itemsize, "attention mask")
-        memory.h2d(self.mask_ptr, np.ones(self.capacity, dtypes["attention_mask"]))  # the only upload of the mask
+        self.mask_ptr = memory.alloc(self.capacity * dtypes[io.attention_mask].itemsize, "attention mask")
+        memory.h2d(self.mask_ptr, np.ones(self.capacity, dtypes[io.attention_mask]))  # the only upload of the mask
         memory.synchronize()
         self.rows = 0  # tokens the embeds/positions/logits buffers hold; grown to the longest prefill seen
         self.embeds_ptr = self.positions_ptr = self.logits_ptr = 0
         self._reserve(1)
         # host staging: the one token's inputs, and the logits of the last position (returned, overwritten next step)
-        self.step_embeds = np.zeros((1, 1, self.hidden), dtypes["inputs_embeds"])
-        self.step_position = np.zeros((1, 1), dtypes["position_ids"])
-        self.logits = np.zeros(spec["vocab_size"], dtypes["logits"])
+        self.step_embeds = np.zeros((1, 1, self.hidden), dtypes[io.inputs_embeds])
+        self.step_position = np.zeros((1, 1), dtypes[io.position_ids])
+        self.logits = np.zeros(spec["vocab_size"], dtypes[io.logits])
         self.side = 0
         self.length = 0
 
@@ -214,13 +220,13 @@ class TrtDecoder:
         context up front)."""
         if seq <= self.rows:
             return
-        d, m = self.dtypes, self.memory
+        d, m, io = self.dtypes, self.memory, self.io
         for ptr in (self.embeds_ptr, self.positions_ptr, self.logits_ptr):
             if ptr:
                 m.free(ptr)
-        self.embeds_ptr = m.alloc(seq * self.hidden * d["inputs_embeds"].itemsize, "input embeddings")
-        self.positions_ptr = m.alloc(seq * d["position_ids"].itemsize, "position ids")
-        self.logits_ptr = m.alloc(seq * self.spec["vocab_size"] * d["logits"].itemsize, "logits")
+        self.embeds_ptr = m.alloc(seq * self.hidden * d[io.inputs_embeds].itemsize, "input embeddings")
+        self.positions_ptr = m.alloc(seq * d[io.position_ids].itemsize, "position ids")
+        self.logits_ptr = m.alloc(seq * self.spec["vocab_size"] * d[io.logits].itemsize, "logits")
         self.rows = seq
 
     def reset(self) -> None:
@@ -243,18 +249,18 @@ class TrtDecoder:
             np.copyto(self.step_position, positions.reshape(1, 1), casting="same_kind")  # int64 -> int32 on 8.x
             x, pos = self.step_embeds, self.step_position
         else:
-            x = np.ascontiguousarray(embeds, self.dtypes["inputs_embeds"])
-            pos = np.ascontiguousarray(positions, self.dtypes["position_ids"])
-        m, ctx = self.memory, self.context
+            x = np.ascontiguousarray(embeds, self.step_embeds.dtype)
+            pos = np.ascontiguousarray(positions, self.step_position.dtype)
+        m, ctx, io = self.memory, self.context, self.io
         m.h2d(self.embeds_ptr, x)
         m.h2d(self.positions_ptr, pos)
-        ok = (ctx.set_input_shape("inputs_embeds", (1, seq, self.hidden))
-              and ctx.set_input_shape("position_ids", (1, seq))
-              and ctx.set_input_shape("attention_mask", (1, total)))
-        ok = ok and ctx.set_tensor_address("inputs_embeds", self.embeds_ptr)
-        ok = ok and ctx.set_tensor_address("position_ids", self.positions_ptr)
-        ok = ok and ctx.set_tensor_address("attention_mask", self.mask_ptr)
-        ok = ok and ctx.set_tensor_address("logits", self.logits_ptr)
+        ok = (ctx.set_input_shape(io.inputs_embeds, (1, seq, self.hidden))
+              and ctx.set_input_shape(io.position_ids, (1, seq))
+              and ctx.set_input_shape(io.attention_mask, (1, total)))
+        ok = ok and ctx.set_tensor_address(io.inputs_embeds, self.embeds_ptr)
+        ok = ok and ctx.set_tensor_address(io.position_ids, self.positions_ptr)
+        ok = ok and ctx.set_tensor_address(io.attention_mask, self.mask_ptr)
+        ok = ok and ctx.set_tensor_address(io.logits, self.logits_ptr)
         kv_shape = (1, self.heads, past, self.head_dim)
         for tensor, ptr in zip(self.past_names, self.kv[self.side]):
             ok = ok and ctx.set_input_shape(tensor, kv_shape) and ctx.set_tensor_address(tensor, ptr)

@@ -9,21 +9,22 @@ its time), max is the maximum of both.
 
 from __future__ import annotations
 
+from vlmprune.graph_io import DecoderNames, name_of
+
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
-
-
-def kv_names(layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
 
 def decoder_profile(spec: dict) -> Profile:
     c, h, dh, hid = spec["max_context"], spec["num_kv_heads"], spec["head_dim"], spec["hidden_size"]
     opt_p = min(c - 1, 1024)
+    io = DecoderNames.of(spec)  # the names from the manifest
 
     def shapes(s: int, p: int, total: int, past: int) -> dict[str, Shape]:
-        out = {"inputs_embeds": (1, s, hid), "attention_mask": (1, total), "position_ids": (1, s)}
-        out.update({name: (1, h, past, dh) for name in kv_names(spec["num_layers"], "past_key_values")})
+        out = {io.inputs_embeds: (1, s, hid), io.attention_mask: (1, total)}
+        if io.position_ids is not None:
+            out[io.position_ids] = (3, 1, s) if io.position_rank == 3 else (1, s)
+        out.update({name: (1, h, past, dh) for name in io.past})
         return out
 
     lo, opt, hi = shapes(1, 0, 1, 0), shapes(1, opt_p, opt_p + 1, opt_p), shapes(c, c - 1, c, c - 1)
@@ -31,7 +32,7 @@ def decoder_profile(spec: dict) -> Profile:
 
 
 def text_encoder_profile(spec: dict) -> Profile:
-    return {"input_ids": ((1, 1), (1, 16), (1, spec["max_length"]))}
+    return {name_of(spec["inputs"], "input_ids", "text_encoder inputs"): ((1, 1), (1, 16), (1, spec["max_length"]))}
 
 
 def shape_strings(profile: Profile) -> dict[str, str]:

@@ -140,10 +140,14 @@ def test_trt_decoder_refuses_engines_and_requests_that_do_not_fit(opened):
 def test_binding_plan_at_llava_7b_scale():
     spec = {"num_layers": 32, "num_kv_heads": 32, "head_dim": 128, "hidden_size": 4096, "vocab_size": 32064,
             "max_context": 4096,
-            "inputs": [{"name": "inputs_embeds", "dtype": "float16"}, {"name": "attention_mask", "dtype": "int64"},
-                       {"name": "position_ids", "dtype": "int64"}]
-                      + [{"name": f"past_key_values.{i}.{k}", "dtype": "float16"} for i in range(32) for k in ("key", "value")],
-            "outputs": [{"name": "logits", "dtype": "float32"}]}
+            "inputs": [{"name": "inputs_embeds", "dtype": "float16", "kind": "inputs_embeds"},
+                       {"name": "attention_mask", "dtype": "int64", "kind": "attention_mask"},
+                       {"name": "position_ids", "dtype": "int64", "kind": "position_ids", "shape": [1, 1]}]
+                      + [{"name": f"past_key_values.{i}.{k}", "dtype": "float16", "kind": f"past_{k}", "layer": i}
+                         for i in range(32) for k in ("key", "value")],
+            "outputs": [{"name": "logits", "dtype": "float32", "kind": "logits"}]
+                       + [{"name": f"present.{i}.{k}", "dtype": "float16", "kind": f"present_{k}", "layer": i}
+                          for i in range(32) for k in ("key", "value")]}
     plan = binding_plan(spec, 4096, manifest_dtypes(spec, "10.3.0"))
     assert plan.kv_bytes == 4 << 30  # 2 GiB of fp16 cache, twice (past and present buffers)
     assert [(c.tensor, c.direction, c.nbytes) for c in plan.decode] == [

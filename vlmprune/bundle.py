@@ -19,7 +19,8 @@ from typing import Any
 from .errors import VlmpruneError
 from .integrity import (RECORD, check_record, confined, make_record, parse_json, read_bytes, read_json, verify_files,
                         write_record)
-from .manifest import ENGINES_META, INT8_META, MANIFEST, SCHEMA_VERSION, upgrade_v1, validate, validate_meta
+from .manifest import (ENGINES_META, INT8_META, MANIFEST, SCHEMA_VERSION, upgrade_v1, upgrade_v2, validate,
+                       validate_meta)
 
 __all__ = ["Bundle", "Derived", "MANIFEST", "RECORD", "SCHEMA_VERSION", "bucket_for", "load_manifest",
            "write_manifest", "DERIVED_DIRS"]
@@ -107,6 +108,8 @@ class Bundle:
             if entry["size"] != len(data) or entry["sha256"] != sha:
                 raise VlmpruneError(f"{MANIFEST} in {folder} does not match the bundle's integrity record "
                                     "(edited after export?)", REEXPORT)
+        if version < SCHEMA_VERSION:  # read as the current version (graph I/O kinds); the file stays as it is
+            manifest = upgrade_v2(manifest)
         validate(manifest, files)
         paths = verify_files(folder, files, verify, skip={MANIFEST})
         return cls(folder, manifest, sha, verify, paths, version)

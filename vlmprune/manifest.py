@@ -12,18 +12,25 @@ does not declare are allowed (newer writers add some), but any of them whose key
 Version 2 moved the integrity record out of the manifest into ``record.json`` (which also covers
 ``manifest.json``) and the outputs of prune-build / prune-calibrate into their own subfolders; version 1 bundles
 are read by ``upgrade_v1``.
+
+Version 3 gives every graph input and output a ``kind`` (and KV-cache entries a ``layer``), which the runtime finds
+tensors by (``vlmprune.graph_io``); versions 1 and 2 are read by ``upgrade_v2``, which gives their entries the kinds
+of the fixed names those versions wrote.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import VlmpruneError
+from .graph_io import (DECODER_INPUTS, DECODER_OUTPUTS, KINDS, PER_LAYER, TEXT_INPUTS, TEXT_OUTPUTS,
+                       VISION_INPUTS, VISION_OUTPUTS, add_legacy_kinds)
 from .integrity import check_relpath
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 FIX = "re-export the bundle with `prune-export`"
 PATH_KEYS = ("file", "weights", "tokenizer", "files")
@@ -190,8 +197,9 @@ class Obj(T):
 # --- the schema -------------------------------------------------------------------------------------------------------
 
 DIM = OneOf((Int(0, 1 << 31), Str(max_len=128)), "a size or a dimension name")
-IO = List(Obj({"name": Str(min_len=1, max_len=256), "shape": List(DIM, max_len=16), "dtype": Str(max_len=32)}),
-          max_len=4096)
+IO = List(Obj({"name": Str(min_len=1, max_len=256), "shape": List(DIM, max_len=16), "dtype": Str(max_len=32),
+               "kind": Str(KINDS), "layer": Int(0, 4096)}, optional=("layer",)),
+          max_len=8192)
 TOKEN = Opt(Int(0, 1 << 31))
 PATHS = OneOf((Path_(), List(Path_(), max_len=4096)), "a file path or a list of them")
 
@@ -199,6 +207,9 @@ BUCKET = Obj({
     "name": Str(min_len=1, max_len=128), "method": Str(min_len=1, max_len=64), "keep": Float(0.0, 1.0, lo_open=True),
     "k": Int(1, 1 << 20), "options": Map(), "file": Path_(), "inputs": IO, "outputs": IO,
 })
+
+VIEW = Obj({"name": Str(max_len=64), "image_size": List(Int(1, 8192), length=2), "grid": List(Int(1, 1024), length=2),
+            "num_patches": Int(1, 1 << 20), "has_cls": Bool()}, optional=("name",))
 
 DECODER = Obj({
     "file": Path_(), "weights": Opt(PATHS), "inputs": IO, "outputs": IO,
@@ -243,12 +254,12 @@ MANIFEST_SCHEMA = Obj({
         "do_convert_rgb": Bool(),
     }, optional=("do_convert_rgb",)),
     "vision": Obj({
-        "view": Obj({"name": Str(max_len=64), "image_size": List(Int(1, 8192), length=2),
-                     "grid": List(Int(1, 1024), length=2), "num_patches": Int(1, 1 << 20), "has_cls": Bool()},
-                    optional=("name",)),
+        "view": VIEW,
+        "views": List(VIEW, min_len=1, max_len=64),  # every view the graphs take; "view" is the first
+        "fp32_scopes": List(Str(min_len=1, max_len=512), max_len=64),  # regular expressions over ONNX node names
         "weights": Opt(PATHS),
         "buckets": List(BUCKET, min_len=1, max_len=1024),
-    }, optional=("weights",)),
+    }, optional=("weights", "views", "fp32_scopes")),
     "text_encoder": Opt(Obj({
         "file": Path_(), "weights": Opt(PATHS), "inputs": IO, "outputs": IO, "tokenizer": Path_(),
         "max_length": Int(2, 1 << 16), "projection_dim": Int(1, 1 << 16),
@@ -270,9 +281,18 @@ MANIFEST_SCHEMA = Obj({
 
 def _cross_checks(m: dict) -> None:
     view = m["vision"]["view"]
-    if view["num_patches"] != view["grid"][0] * view["grid"][1]:
-        raise Invalid("vision.view.num_patches", f"is {view['num_patches']}, but the grid {view['grid']} holds "
-                      f"{view['grid'][0] * view['grid'][1]}")
+    views = m["vision"].get("views")
+    for where, v in [("vision.view", view), *((f"vision.views[{i}]", v) for i, v in enumerate(views or []))]:
+        if v["num_patches"] != v["grid"][0] * v["grid"][1]:
+            raise Invalid(f"{where}.num_patches", f"is {v['num_patches']}, but the grid {v['grid']} holds "
+                          f"{v['grid'][0] * v['grid'][1]}")
+    if views and views[0] != view:
+        raise Invalid("vision.views[0]", "differs from vision.view (the first view)")
+    for i, scope in enumerate(m["vision"].get("fp32_scopes") or []):
+        try:
+            re.compile(scope)
+        except re.error as exc:
+            raise Invalid(f"vision.fp32_scopes[{i}]", f"is not a regular expression ({exc})") from None
     names = set()
     for i, b in enumerate(m["vision"]["buckets"]):
         views = b.get("num_views", 1)  # anyres buckets take several views of view["num_patches"] each
@@ -283,10 +303,7 @@ def _cross_checks(m: dict) -> None:
         if b["name"] in names:
             raise Invalid(f"vision.buckets[{i}].name", f"{b['name']!r} is used twice")
         names.add(b["name"])
-        inputs = {io["name"] for io in b["inputs"]}
-        if "pixel_values" not in inputs:
-            raise Invalid(f"vision.buckets[{i}].inputs", "has no pixel_values")
-        if "text_embeds" in inputs and not m.get("text_encoder"):
+        if any(io["kind"] == "text_embeds" for io in b["inputs"]) and not m.get("text_encoder"):
             raise Invalid(f"vision.buckets[{i}].inputs", "takes text_embeds, but the bundle has no text_encoder")
     pre = m["preprocessing"]
     if pre["do_center_crop"] and pre["crop_size"] != view["image_size"]:
@@ -302,6 +319,7 @@ def _cross_checks(m: dict) -> None:
         raise Invalid("decoder.embeddings.shape", f"is {d['embeddings']['shape']}, expected [{vocab}, {d['hidden_size']}]")
     if d["num_heads"] % d["num_kv_heads"]:
         raise Invalid("decoder.num_kv_heads", f"({d['num_kv_heads']}) does not divide num_heads ({d['num_heads']})")
+    _check_roles(m)
     fused = m.get("decoder_fused")
     if fused:  # the same model; and its KV buffer (allocated at load) no longer than the model's context
         for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
@@ -310,6 +328,57 @@ def _cross_checks(m: dict) -> None:
         if fused["buffer_length"] > d["max_context"]:
             raise Invalid("decoder_fused.buffer_length", f"is {fused['buffer_length']}, beyond the model's context "
                           f"of {d['max_context']}")
+
+
+_ANYRES_OUTPUTS = {"base_embeds", "base_indices", "raster_embeds", "raster_indices", "raster_count"}
+
+
+def _check_io(entries: list, where: str, allowed: tuple, required: set, layers: int = 0) -> None:
+    """Kinds of one graph's inputs or outputs: each allowed here, none twice, every required one present, and the
+    per-layer kinds present for every layer (and only with a layer)."""
+    seen, names = set(), set()
+    for j, io in enumerate(entries):
+        kind, layer = io["kind"], io.get("layer")
+        if kind not in allowed:
+            raise Invalid(f"{where}[{j}].kind", f"{kind!r} is not a kind this graph has (one of {', '.join(allowed)})")
+        if (kind in PER_LAYER) != (layer is not None):
+            raise Invalid(f"{where}[{j}]", f"{'needs' if kind in PER_LAYER else 'must not have'} a layer")
+        if layer is not None and layer >= layers:
+            raise Invalid(f"{where}[{j}].layer", f"is {layer}, but the decoder has {layers} layers")
+        if (kind, layer) in seen or io["name"] in names:
+            raise Invalid(f"{where}[{j}]", f"repeats {kind if layer is None else f'{kind} of layer {layer}'} "
+                          f"or the name {io['name']!r}")
+        seen.add((kind, layer))
+        names.add(io["name"])
+    wanted = {(k, None) for k in required - set(PER_LAYER)}
+    wanted |= {(k, n) for k in required & set(PER_LAYER) for n in range(layers)}
+    missing = sorted(wanted - seen, key=str)
+    if missing:
+        kind, layer = missing[0]
+        raise Invalid(where, f"has no {kind}" + (f" for layer {layer}" if layer is not None else ""))
+
+
+def _check_roles(m: dict) -> None:
+    for i, b in enumerate(m["vision"]["buckets"]):
+        where = f"vision.buckets[{i}]"
+        _check_io(b["inputs"], f"{where}.inputs", VISION_INPUTS, {"pixel_values"})
+        outs = {io["kind"] for io in b["outputs"]}
+        _check_io(b["outputs"], f"{where}.outputs", VISION_OUTPUTS,
+                  _ANYRES_OUTPUTS if outs & _ANYRES_OUTPUTS else {"image_embeds", "kept_indices"})
+    t = m.get("text_encoder")
+    if t:
+        _check_io(t["inputs"], "text_encoder.inputs", TEXT_INPUTS, set(TEXT_INPUTS))
+        _check_io(t["outputs"], "text_encoder.outputs", TEXT_OUTPUTS, set(TEXT_OUTPUTS))
+    for key, needs_positions in (("decoder", True), ("decoder_fused", False)):
+        d = m.get(key)
+        if not d:
+            continue
+        required_in = set(DECODER_INPUTS) - (set() if needs_positions else {"position_ids"})
+        _check_io(d["inputs"], f"{key}.inputs", DECODER_INPUTS, required_in, d["num_layers"])
+        _check_io(d["outputs"], f"{key}.outputs", DECODER_OUTPUTS, set(DECODER_OUTPUTS), d["num_layers"])
+        pos = next((io for io in d["inputs"] if io["kind"] == "position_ids"), None)
+        if pos is not None and len(pos["shape"]) not in (2, 3):
+            raise Invalid(f"{key}.inputs", f"position_ids has rank {len(pos['shape'])}; [B, S] or [3, B, S] expected")
 
 
 def _generic_paths(value: Any, where: str, out: list) -> None:
@@ -394,6 +463,25 @@ INT8_META = Obj({
     "for_manifest": Str(max_len=64), "algo": Str(max_len=32), "tool": Opt(Str(max_len=64)), "images": Int(0, 1 << 31),
     "qdq": Map(Path_()), "calibration_caches": Str(max_len=256), "accuracy": Map(),
 }, optional=("tool",))
+
+
+def upgrade_v2(manifest: dict) -> dict:
+    """A version 1 or 2 manifest (version 1 after ``upgrade_v1``) read as version 3: its graphs' entries get the
+    kinds of the fixed names those versions wrote. A copy; the file is not touched (its checksum stays valid)."""
+    import copy
+
+    m = copy.deepcopy(manifest)
+    vision = m.get("vision")
+    buckets = vision.get("buckets") if isinstance(vision, dict) else None
+    graphs = [*(buckets if isinstance(buckets, list) else []), m.get("text_encoder"), m.get("decoder"),
+              m.get("decoder_fused")]
+    for g in graphs:
+        if isinstance(g, dict):
+            for key in ("inputs", "outputs"):
+                if isinstance(g.get(key), list):
+                    add_legacy_kinds(g[key])
+    m["schema_version"] = SCHEMA_VERSION
+    return m
 
 
 def validate_meta(meta: Any, schema: Obj, record: dict, source: str) -> dict:

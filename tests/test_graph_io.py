@@ -1,0 +1,192 @@
+"""The manifest is the one contract for tensor names: every graph input and output carries its kind, the runtime
+binds the recorded names, a family with its own decoder names runs unchanged, crafted kinds get one line, and
+bundles of schema version 2 (names only) still read."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlmprune import graph_io
+from vlmprune.bundle import SCHEMA_VERSION, Bundle
+from vlmprune.errors import VlmpruneError
+from vlmprune.export.exporter import ExportRequest, export_bundle
+from vlmprune.export.progress import Steps
+from vlmprune.models import registry
+from vlmprune.runtime.cli import run_main
+from vlmprune.runtime.pipeline import Pipeline
+from vlmprune.sample import make_sample_image
+
+PROMPT = "What is next to the red house?"
+# A decoder naming nothing the way optimum does: the runtime can only find these through the manifest.
+RENAMED = registry.DecoderIO(inputs_embeds="embeds", attention_mask="mask", position_ids="positions",
+                             past_key="cache_in.{layer}.k", past_value="cache_in.{layer}.v", logits="next_logits",
+                             present_key="cache_out.{layer}.k", present_value="cache_out.{layer}.v")
+
+
+def _export(out: Path) -> Path:
+    return export_bundle(ExportRequest(method="gridprune", keeps=[0.25], out=out, validate=True, fused_decoder=False),
+                         Steps(quiet=True)).path
+
+
+@pytest.fixture(scope="module")
+def standard(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("io") / "standard")
+
+
+@pytest.fixture(scope="module")
+def renamed(tmp_path_factory):
+    """tiny-llava exported as if its family declared other decoder names (the registry entry swapped for the run)."""
+    fams = registry.families()
+    original = fams["llava"]
+    fams["llava"] = dataclasses.replace(original, decoder_io=RENAMED)
+    try:
+        return _export(tmp_path_factory.mktemp("io") / "renamed")
+    finally:
+        fams["llava"] = original
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _reseal(folder: Path, manifest: dict) -> None:
+    data = json.dumps(manifest).encode()
+    (folder / "manifest.json").write_bytes(data)
+    record = json.loads((folder / "record.json").read_text())
+    record["files"]["manifest.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "record.json").write_text(json.dumps(record))
+
+
+def test_every_graph_tensor_has_its_kind(standard):
+    m = _manifest(standard)
+    assert m["schema_version"] == SCHEMA_VERSION
+    graphs = [*m["vision"]["buckets"], m["text_encoder"], m["decoder"]]
+    for g in graphs:
+        for entry in g["inputs"] + g["outputs"]:
+            assert entry["kind"] in graph_io.KINDS, entry
+    dec = m["decoder"]
+    layers = dec["num_layers"]
+    assert sorted((e["kind"], e.get("layer")) for e in dec["inputs"] if "layer" in e) == sorted(
+        (f"past_{kv}", i) for i in range(layers) for kv in ("key", "value"))
+    pruned = next(b for b in m["vision"]["buckets"] if b["method"] == "gridprune")
+    assert [e["kind"] for e in pruned["inputs"]] == ["pixel_values", "text_embeds"]
+
+
+def test_a_family_with_its_own_decoder_names_runs_unchanged(standard, renamed):
+    m = _manifest(renamed)
+    names = {e["name"] for e in m["decoder"]["inputs"] + m["decoder"]["outputs"]}
+    assert {"embeds", "mask", "positions", "next_logits", "cache_in.0.k", "cache_out.1.v"} <= names
+    assert not any(n.startswith(("past_key_values", "present")) or n in ("logits", "inputs_embeds") for n in names)
+    assert json.loads((renamed / "validation.json").read_text())["passed"]  # export validation found the names too
+    image = make_sample_image()
+    ours = Pipeline(renamed).generate(image, PROMPT, max_new_tokens=12, ignore_eos=True)
+    theirs = Pipeline(standard).generate(image, PROMPT, max_new_tokens=12, ignore_eos=True)
+    assert ours.token_ids == theirs.token_ids and len(ours.token_ids) == 12
+
+
+def test_version_2_bundles_read_with_the_kinds_of_their_names(standard, tmp_path):
+    copy = tmp_path / "v2"
+    shutil.copytree(standard, copy)
+    m = _manifest(copy)
+    for g in [*m["vision"]["buckets"], m["text_encoder"], m["decoder"]]:
+        for entry in g["inputs"] + g["outputs"]:
+            entry.pop("kind"), entry.pop("layer", None)
+    m["schema_version"] = 2
+    _reseal(copy, m)
+    b = Bundle.open(copy)
+    assert b.version == 2 and b.manifest["decoder"]["inputs"][3]["kind"] == "past_key"
+    assert "kind" not in _manifest(copy)["decoder"]["inputs"][0]  # read as version 3; the file is untouched
+    image = make_sample_image()
+    old = Pipeline(copy).generate(image, PROMPT, max_new_tokens=6, ignore_eos=True)
+    new = Pipeline(standard).generate(image, PROMPT, max_new_tokens=6, ignore_eos=True)
+    assert old.token_ids == new.token_ids
+
+
+def _set(path, value):
+    def apply(m):
+        target = m
+        for key in path[:-1]:
+            target = target[key]
+        if value is KeyError:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+    return apply
+
+
+def _layer_entry(m, kind, layer):
+    return next(i for i, e in enumerate(m["decoder"]["inputs"] if kind.startswith("past") else m["decoder"]["outputs"])
+                if e.get("kind") == kind and e.get("layer") == layer)
+
+
+CRAFTED = {
+    "kind missing": (_set(["decoder", "inputs", 0, "kind"], KeyError), r"decoder.inputs\[0\].kind is missing"),
+    "unknown kind": (_set(["decoder", "inputs", 0, "kind"], "rope_cache"), "kind must be one of"),
+    "vision kind on the decoder": (_set(["decoder", "inputs", 0, "kind"], "pixel_values"),
+                                   "is not a kind this graph has"),
+    "kind twice": (_set(["decoder", "inputs", 1, "kind"], "inputs_embeds"), "repeats inputs_embeds"),
+    "layer out of range": (lambda m: _set(["decoder", "inputs", _layer_entry(m, "past_key", 1), "layer"], 7)(m),
+                           "is 7, but the decoder has 2 layers"),
+    "layer missing": (lambda m: _set(["decoder", "inputs", _layer_entry(m, "past_value", 0), "layer"], KeyError)(m),
+                      "needs a layer"),
+    "a layer's cache gone": (lambda m: m["decoder"]["outputs"].pop(_layer_entry(m, "present_value", 1)),
+                             "decoder.outputs has no present_value for layer 1"),
+    "layer on logits": (_set(["decoder", "outputs", 0, "layer"], 0), "must not have a layer"),
+    "no pixels": (_set(["vision", "buckets", 0, "inputs", 0, "kind"], "valid_mask"), "has no pixel_values"),
+    "no kept indices": (_set(["vision", "buckets", 0, "outputs", 1, "kind"], "image_embeds"), "repeats image_embeds"),
+    "bad position rank": (_set(["decoder", "inputs", 2, "shape"], ["batch"]), "position_ids has rank 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_kinds_get_one_line(standard, tmp_path, capsys, case):
+    copy = tmp_path / "b"
+    shutil.copytree(standard, copy)
+    craft, message = CRAFTED[case]
+    m = _manifest(copy)
+    craft(m)
+    _reseal(copy, m)
+    code = run_main.run([str(copy), "--image", "sample", "--prompt", "hi", "--max-new-tokens", "2"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(lines) and re.search(message, lines[-1]), lines[-3:]
+
+
+def test_runtime_feeds_by_kind_and_refuses_inputs_it_cannot_fill():
+    entries = [{"name": "images", "kind": "pixel_values"}, {"name": "query", "kind": "text_embeds"}]
+    x, t = np.zeros(2), np.ones(3)
+    assert graph_io.feeds(entries, {"pixel_values": x, "text_embeds": t}, "bucket b") == {"images": x, "query": t}
+    with pytest.raises(VlmpruneError, match=r"the bucket b graph takes 'query' \(kind text_embeds\)"):
+        graph_io.feeds(entries, {"pixel_values": x}, "bucket b")
+    outs = [{"name": "feats", "kind": "image_embeds"}, {"name": "idx", "kind": "kept_indices"}]
+    assert graph_io.by_kind(outs, {"feats": 1, "idx": 2}) == {"image_embeds": 1, "kept_indices": 2}
+
+
+def test_standard_names_and_their_kinds():
+    assert graph_io.standard_kind("past_key_values.12.value") == ("past_value", 12)
+    assert graph_io.standard_kind("present.0.key") == ("present_key", 0)
+    assert graph_io.standard_kind("logits") == ("logits", None)
+    assert graph_io.standard_kind("past_key") is None  # a kind, but not a name any exporter wrote
+    assert graph_io.standard_kind("present.x.key") is None and graph_io.standard_kind("weights") is None
+    with pytest.raises(ValueError, match="has no kind"):
+        graph_io.with_kinds([{"name": "mystery"}], {})
+
+
+def test_without_a_chat_template_the_prompt_must_place_the_image(standard):
+    """No template is invented: the placeholder goes where the user writes it, and a prompt without one is refused."""
+    from vlmprune.runtime.prompt import PromptBuilder
+
+    spec = {**_manifest(standard)["prompt"], "chat_template": None}
+    builder = PromptBuilder(standard / "tokenizer.json", spec)
+    token = spec["image_token"]
+    assert builder.render(f"{token}\nWhat is this?") == f"{token}\nWhat is this?"
+    assert builder.encode(f"Look: {token} what is this?").count(spec["image_token_id"]) == 1
+    with pytest.raises(VlmpruneError, match="no chat template, so the prompt must hold the image placeholder"):
+        builder.render("What is this?")
