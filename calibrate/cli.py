@@ -74,6 +74,19 @@ def _text_embeds(bundle, manifest: dict, count: int) -> list[np.ndarray]:
     return [embeds[i % len(embeds)] for i in range(count)]
 
 
+def _check_graph_io(path: Path, bucket: dict) -> None:
+    """The bucket's graph has the inputs and outputs its manifest entry lists (read from the graph, not its weights)."""
+    from types import SimpleNamespace
+
+    import onnx
+
+    from vlmprune.runtime.backends import check_io
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    found = SimpleNamespace(inputs={v.name: None for v in graph.input}, outputs=[v.name for v in graph.output])
+    check_io(found, bucket, f"the graph of bucket {bucket['name']}")
+
+
 @main_wrapper("prune-calibrate")
 def main(argv=None):
     quiet_libraries()
@@ -158,10 +171,13 @@ def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quant
     qdq = {}
     for bucket in iterator:
         src = bundle.path(bucket["file"])
+        _check_graph_io(src, bucket)
         rel = "qdq/" + bucket["file"].replace(".onnx", ".qdq.onnx")
         calib_feeds = feeds_for(bucket, calib_px, 0)
         tool = quantize(src, tmp / rel, calib_feeds, args.algo, float_scopes=scopes, pinned=pinned)
-        report[bucket["name"]] = accuracy(src, tmp / rel, feeds_for(bucket, eval_px, len(calib_px)))
+        outputs = [graph_io.name_of(bucket["outputs"], kind, f"bucket {bucket['name']} outputs")
+                   for kind in ("image_embeds", "kept_indices")]
+        report[bucket["name"]] = accuracy(src, tmp / rel, feeds_for(bucket, eval_px, len(calib_px)), outputs)
         qdq[bucket["name"]] = rel
         if tensorrt_available():  # pragma: no cover - needs TensorRT
             write_cache(src, calib_dir / f"{bucket['name']}.cache", calib_feeds, args.algo)

@@ -106,8 +106,10 @@ def _without_log(pattern: re.Pattern):
         root.removeFilter(drop)
 
 
-def accuracy(fp32_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarray]]) -> dict:
-    """The Q/DQ graph against fp32 in ONNX Runtime: embedding error and kept-index overlap."""
+def accuracy(fp32_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarray]],
+             outputs: list[str] | None = None) -> dict:
+    """The Q/DQ graph against fp32 in ONNX Runtime: embedding error and kept-index overlap. ``outputs``: the names
+    of the embeddings and the kept indices (the manifest's; default: the graph's first two outputs)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -116,8 +118,8 @@ def accuracy(fp32_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarray]]
     q = ort.InferenceSession(str(qdq_path), opts, providers=["CPUExecutionProvider"])
     rel, cos, overlap = [], [], []
     for feed in feeds:
-        e_ref, i_ref = ref.run(None, feed)
-        e_q, i_q = q.run(None, feed)
+        e_ref, i_ref = ref.run(outputs, feed)[:2]
+        e_q, i_q = q.run(outputs, feed)[:2]
         common = sorted(set(i_ref[0].tolist()) & set(i_q[0].tolist()))
         overlap.append(len(common) / i_ref.shape[1])
         a = e_ref[0][[i_ref[0].tolist().index(i) for i in common]]

@@ -98,6 +98,18 @@ class OrtBackend(Backend):
         return dict(zip(names, self.session.run(names, self.cast_feeds(feeds))))
 
 
+def check_io(backend: Backend, record: dict, what: str) -> Backend:
+    """The graph (or engine) behind ``backend`` has exactly the inputs and outputs its manifest ``record`` lists:
+    a mismatch (a crafted manifest, a file from another export) is one line here, not a failure inside a run."""
+    listed_in = {e["name"] for e in record["inputs"]}
+    problems = [f"no input {n!r}" for n in sorted(listed_in - set(backend.inputs))]
+    problems += [f"an input {n!r} the manifest does not list" for n in sorted(set(backend.inputs) - listed_in)]
+    problems += [f"no output {e['name']!r}" for e in record["outputs"] if e["name"] not in backend.outputs]
+    if problems:
+        raise VlmpruneError(f"{what} has {problems[0]}, unlike the manifest", "re-export the bundle")
+    return backend
+
+
 class OrtDecoder:
     """The KV-cache decoder on ONNX Runtime with I/O binding: each step's ``present`` OrtValues are bound as the next
     step's ``past_key_values`` without a round trip through numpy.

@@ -16,7 +16,7 @@ from vlmprune import graph_io
 from vlmprune.bundle import Bundle, bucket_for
 from vlmprune.errors import VlmpruneError
 
-from .backends import OrtBackend, OrtDecoder
+from .backends import OrtBackend, OrtDecoder, check_io
 from .fused_decoder import FusedDecoder
 from .gpu import detect_environment
 from .preprocess import Preprocessor, load_image
@@ -148,9 +148,10 @@ class Pipeline:
             if stage.backend == "tensorrt":
                 from . import trt_backend
 
-                self._vision[bucket["name"]] = trt_backend.TrtBackend(self.engines.path(stage.engine), self.engines.meta)
+                backend = trt_backend.TrtBackend(self.engines.path(stage.engine), self.engines.meta)
             else:
-                self._vision[bucket["name"]] = self._backend(bucket["file"], stage=stage)
+                backend = self._backend(bucket["file"], stage=stage)
+            self._vision[bucket["name"]] = check_io(backend, bucket, f"the graph of bucket {bucket['name']}")
         return self._vision[bucket["name"]]
 
     def text_backend(self):
@@ -160,9 +161,10 @@ class Pipeline:
             if stage.backend == "tensorrt":
                 from . import trt_backend
 
-                self._text = trt_backend.TrtBackend(self.engines.path(stage.engine), self.engines.meta)
+                backend = trt_backend.TrtBackend(self.engines.path(stage.engine), self.engines.meta)
             else:
-                self._text = self._backend(self.manifest["text_encoder"]["file"], stage=stage)
+                backend = self._backend(self.manifest["text_encoder"]["file"], stage=stage)
+            self._text = check_io(backend, self.manifest["text_encoder"], "the text encoder")
         return self._text
 
     def prepare(self, bucket: dict) -> None:

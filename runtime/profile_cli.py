@@ -40,13 +40,13 @@ def _row(name: str, bucket: dict | None, stats: dict, source: str, **extra) -> d
 
 def profile_ort(bundle, manifest: dict, iterations: int, warmup: int) -> list[dict]:
     """``bundle``: an opened ``vlmprune.bundle.Bundle`` (graphs are opened only through its verified record)."""
-    from .backends import OrtBackend
+    from .backends import OrtBackend, check_io
     from .profile import timed
 
     rows = []
     rng = np.random.default_rng(0)
     for b in manifest["vision"]["buckets"]:
-        backend = OrtBackend(bundle.path(b["file"]))
+        backend = check_io(OrtBackend(bundle.path(b["file"])), b, f"the graph of bucket {b['name']}")
         feeds = {}
         for entry in b["inputs"]:  # synthetic inputs of the recorded shapes and dtypes (the graphs are static)
             shape = [d if isinstance(d, int) else 1 for d in entry["shape"]]

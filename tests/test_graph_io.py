@@ -190,3 +190,31 @@ def test_without_a_chat_template_the_prompt_must_place_the_image(standard):
     assert builder.encode(f"Look: {token} what is this?").count(spec["image_token_id"]) == 1
     with pytest.raises(VlmpruneError, match="no chat template, so the prompt must hold the image placeholder"):
         builder.render("What is this?")
+
+
+@pytest.mark.parametrize("tool", ["prune-run", "prune-profile", "prune-calibrate"])
+def test_a_manifest_naming_tensors_the_graph_lacks_is_one_line(standard, tmp_path, capsys, tool):
+    """Names that match no tensor of the graph (a crafted manifest, a graph from another export): every tool that
+    opens the graphs says so in one line before running anything."""
+    from vlmprune.calibrate.cli import main as calibrate_main
+    from vlmprune.runtime.profile_cli import main as profile_main
+
+    copy = tmp_path / "b"
+    shutil.copytree(standard, copy)
+    m = _manifest(copy)
+    for bucket in m["vision"]["buckets"]:
+        bucket["inputs"][0]["name"] = "images"
+    _reseal(copy, m)
+    if tool == "prune-run":
+        code = run_main.run([str(copy), "--image", "sample", "--prompt", "hi", "--max-new-tokens", "2"])
+    elif tool == "prune-profile":
+        code = profile_main.run([str(copy), "--backend", "ort", "--iterations", "1", "--warmup", "0"])
+    else:
+        images = tmp_path / "images"
+        images.mkdir()
+        make_sample_image().save(images / "a.png")
+        code = calibrate_main.run([str(copy), "--images", str(images)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(lines), lines[-3:]
+    assert re.search(r"the graph of bucket \S+ has no input 'images', unlike the manifest", lines[-1]), lines[-1]
+    assert not (copy / "profile").exists() and not (copy / "int8").exists()
