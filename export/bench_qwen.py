@@ -1,112 +1,26 @@
-"""``prune-bench`` rows for Qwen2.5-VL: per method and keep ratio, the torch-free Qwen runtime's stages up to the
-first token at the default 448 x 448 bucket, with the row fields of the single-view bench so that its tables, plots
-and targets apply. The peers (ONNX Runtime GenAI, transformers) are not run for Qwen2.5-VL: the report says so.
-
-The bundles are exported with ``prune-export``'s own code into ``--out/bundles`` (as the other benches do) and run
-by ``prune-run``'s pipeline (``runtime/qwen_bundle.py``).
-"""
+"""``prune-bench`` for Qwen2.5-VL (``bench_pipeline.py`` runs it): the torch-free Qwen runtime at the preset's
+bucket size (the checkpoint's default image size)."""
 
 from __future__ import annotations
 
-import os
-import platform
-import time
-
-from vlmprune.errors import VlmpruneError
+from .bench_pipeline import FamilyBench, run_family_bench
 
 
 def run_qwen_bench(args) -> dict:
-    from vlmprune.prune import get_method
     from vlmprune.runtime.anyres_pipeline import open_pipeline
-    from vlmprune.runtime.profile import PeakMemory, median, timed
+    from vlmprune.runtime.pipeline import Timings
 
-    from .bench import SETTLE_S, _bare_decoder_step_ms, _image, evaluate_targets
-    from .buckets import parse_list
-    from .exporter import ExportRequest, export_bundle
+    from .bench import _image
     from .progress import Steps
 
-    methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        get_method(m)
-    keeps = parse_list(args.keep, float, "--keep")
-    pruned_keeps = [k for k in keeps if k < 1.0]
-    precisions = [p for p in args.decoder_precisions.split(",") if p]
-    if args.repeats < 1:
-        raise VlmpruneError("--repeats must be at least 1", "e.g. --repeats 3")
     image = _image(args.image)
-    steps = Steps()
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    precision = precisions[0] if precisions else "fp32"  # one decoder precision: pruning changes the prefill
-    rows = []
-    for method in methods:
-        with steps.step(f"export {method} buckets {pruned_keeps or [1.0]} (448x448, decoder {precision})"):
-            bundle = export_bundle(ExportRequest(model=args.model, method=method, keeps=pruned_keeps or [1.0],
-                                                 out=out / "bundles" / f"{method}-{precision}", force=True,
-                                                 decoder_precision=precision,
-                                                 validate=precision in ("fp32", "fp16")), Steps(quiet=True)).path
-        pipe = open_pipeline(bundle, threads=args.threads)
-        steps.log(f"  runtime decoder: {pipe.decoder_kind}, positions {pipe.positions}")
-        buckets = sorted(pipe.manifest["vision"]["buckets"], key=lambda b: -b["keep"])
-        none_bucket = next(b for b in buckets if b["method"] == "none")
-        for b in buckets:
-            pipe.prepare(b)
-        pixels = pipe.qwen_preprocess(image)
 
-        def vision_call(bucket):
-            from vlmprune.runtime.pipeline import Timings
+    def feeds(pipe, bucket):  # GridPrune's auxiliary-CLIP view and text embeddings included
+        return pipe._vision_feeds(pipe.qwen_preprocess(image), image, bucket, args.prompt, Timings())
 
-            feeds = pipe._vision_feeds(pixels, image, bucket, args.prompt, Timings())
-            backend = pipe.vision_backend(bucket)
-            return lambda: backend.run(feeds)
-
-        for bucket in buckets:
-            if bucket["method"] == "none" and 1.0 not in keeps:
-                continue
-            with steps.step(f"{method} {bucket['name']}"):
-                a, b = vision_call(none_bucket), vision_call(bucket)
-                ta, tb = [], []
-                for _ in range(2):
-                    a(), b()
-                for _ in range(max(5, args.repeats)):  # alternately, so drift cancels
-                    ta += timed(a, 1, 0)
-                    tb += timed(b, 1, 0)
-                ours = []
-                with PeakMemory() as mem:
-                    for i in range(args.warmup + args.repeats):
-                        time.sleep(SETTLE_S)
-                        r = pipe.generate(image, args.prompt, bucket=bucket, max_new_tokens=args.new_tokens,
-                                          ignore_eos=True)
-                        if i >= args.warmup:
-                            ours.append(r)
-                row = {
-                    "method": method, "bucket": bucket["name"], "keep": bucket["keep"],
-                    "k": ours[0].visual_tokens_kept, "image_size": bucket.get("image_size"),
-                    "decoder_precision": precision, "decoder": pipe.decoder_kind, "positions": pipe.positions,
-                    "prompt_tokens": ours[0].prompt_tokens, "visual_tokens_total": ours[0].visual_tokens_total,
-                    "vision_only_ms": median(ta), "vision_prune_ms": median(tb),
-                    "preprocess_ms": median(r.timings.preprocess_ms for r in ours),
-                    "text_encoder_ms": median(r.timings.text_encoder_ms for r in ours),
-                    "prefill_ms": median(r.timings.prefill_ms for r in ours),
-                    "ttft_ms": median(r.timings.ttft_ms for r in ours),
-                    "tpot_ms": median(r.timings.tpot_ms for r in ours),
-                    "tokens_generated": ours[0].tokens_generated, "peak_rss_mb": mem.peak / 2**20,
-                }
-                row["bare_decoder_step_ms"] = _bare_decoder_step_ms(pipe, row["prompt_tokens"] + args.new_tokens // 2,
-                                                                    args.new_tokens)
-                row["prune_overhead"] = row["vision_prune_ms"] / row["vision_only_ms"]
-                row["tpot_over_bare_step"] = row["tpot_ms"] / row["bare_decoder_step_ms"]
-                row["vision_share_of_ttft"] = row["vision_prune_ms"] / row["ttft_ms"]
-                rows.append(row)
-                steps.log(f"  {row['k']}/{row['visual_tokens_total']} image tokens: TTFT {row['ttft_ms']:.1f} ms, "
-                          f"prefill {row['prefill_ms']:.1f} ms, vision+prune {row['vision_prune_ms']:.1f} ms "
-                          f"(x{row['prune_overhead']:.3f} of unpruned), TPOT {row['tpot_ms']:.2f} ms")
-    skipped = "skipped: not run for Qwen2.5-VL models"
-    return {
-        "model": args.model, "prompt": args.prompt, "repeats": args.repeats, "warmup": args.warmup,
-        "new_tokens": args.new_tokens, "decoder_precisions": [precision], "image_size": [448, 448],
-        "peers": {"onnxruntime-genai": skipped, "transformers": skipped},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-        "rows": rows, "targets": evaluate_targets(rows), "seconds": round(steps.elapsed, 1),
-    }
+    family = FamilyBench(name="Qwen2.5-VL", scope="the default image size",
+                         open_pipeline=lambda bundle, threads: open_pipeline(bundle, threads=threads), feeds=feeds,
+                         row_fields=lambda bucket: {"image_size": bucket.get("image_size")})
+    report = run_family_bench(args, family, image, Steps())
+    report["image_size"] = report["rows"][0]["image_size"] if report["rows"] else None
+    return report
