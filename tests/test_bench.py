@@ -8,6 +8,7 @@ import json
 
 from PIL import Image
 
+from preset_geometry import preset_tokens, spec_k
 from vlmprune.export.bench import evaluate_targets, main as bench_main
 
 HAS_GENAI = importlib.util.find_spec("onnxruntime_genai") is not None
@@ -21,9 +22,10 @@ def test_bench_writes_json_table_and_plots(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err[-2000:]
     report = json.loads((out / "results.json").read_text())
     rows = report["rows"]
+    n, _ = preset_tokens("tiny-llava")
+    k = spec_k(0.25, n)
     assert [(r["method"], r["keep"], r["k"], r["decoder_precision"]) for r in rows] == [
-        ("fopru", 1.0, 576, "fp32"), ("fopru", 0.25, 144, "fp32"), ("fopru", 1.0, 576, "int4"),
-        ("fopru", 0.25, 144, "int4")]
+        ("fopru", 1.0, n, "fp32"), ("fopru", 0.25, k, "fp32"), ("fopru", 1.0, n, "int4"), ("fopru", 0.25, k, "int4")]
     for r in rows:
         assert r["ttft_ms"] >= r["prefill_ms"] > 0 and r["vision_prune_ms"] > 0 and r["peak_rss_mb"] > 10
         assert r["tokens_generated"] == 4 and r["tpot_ms"] > 0 and r["bare_decoder_step_ms"] > 0
@@ -46,7 +48,7 @@ def test_bench_writes_json_table_and_plots(tmp_path, capsys):
     else:
         assert report["peers"]["onnxruntime-genai"].startswith("skipped")
     table = (out / "results.md").read_text()
-    assert "| fopru | 0.25 | 144 |" in table and ("ORT GenAI TPOT ms" in table) == HAS_GENAI
+    assert f"| fopru | 0.25 | {k} |" in table and ("ORT GenAI TPOT ms" in table) == HAS_GENAI
     for png in ("ttft_vs_keep.png", "stages.png"):
         assert Image.open(out / png).size[0] > 300
 

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
+from preset_geometry import preset_tokens, spec_k
 from vlmprune.bundle import Bundle, load_manifest
 from vlmprune.calibrate.cli import main as calibrate_main
 from vlmprune.export.exporter import ExportRequest, export_bundle
@@ -19,6 +20,9 @@ from vlmprune.runtime.profile_cli import main as profile_main
 from vlmprune.sample import make_sample_image
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trtexec"
+N, _ = preset_tokens(ExportRequest.model)  # the bundle's preset (prune-export's default model)
+K = spec_k(0.25, N)
+NONE, PRUNED = f"none-k{N}", f"gridprune-k{K}"  # the bundle's two buckets
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +69,7 @@ def test_calibrate_writes_qdq_graphs_with_an_accuracy_report(bundle, images, cap
         assert 0.5 <= report["kept_index_overlap_mean"] <= 1.0 and report["embedding_cosine_mean"] > 0.9
         sess = ort.InferenceSession(str(bundle / rel), providers=["CPUExecutionProvider"])
         assert sess.get_outputs()[1].name == "kept_indices"
-    assert int8["accuracy"]["none-k576"]["kept_index_overlap_mean"] == 1.0
+    assert int8["accuracy"][NONE]["kept_index_overlap_mean"] == 1.0
     assert "index overlap" in capsys.readouterr().out
     assert (bundle / "int8" / "report.json").exists() and (bundle / "int8" / "calib" / "pixel_values.npy").exists()
     assert not [p for p in bundle.iterdir() if p.name.startswith(".")]  # no temporary leftovers
@@ -84,21 +88,21 @@ def test_profile_onnxruntime_backend(bundle, tmp_path, capsys):
     assert profile_main.run([str(bundle), "--backend", "ort", "--iterations", "5", "--warmup", "1",
                              "--out", str(out)]) == 0
     rows = json.loads((out / "profile.json").read_text())
-    assert [r["k"] for r in rows] == [576, 144]
+    assert [r["k"] for r in rows] == [N, K]
     for r in rows:
         assert r["min"] <= r["median"] <= r["max"] and r["p90"] <= r["p99"] and r["metric"] == "CPU latency"
-    assert (out / "profile.png").stat().st_size > 1000 and "| none-k576 |" in (out / "profile.md").read_text()
+    assert (out / "profile.png").stat().st_size > 1000 and f"| {NONE} |" in (out / "profile.md").read_text()
     assert (out / "profile.csv").read_text().splitlines()[0].startswith("name,method,keep,k")
 
 
 def test_profile_from_logs_matches_bucket_names(bundle, tmp_path):
-    log = tmp_path / "gridprune-k144.log"
+    log = tmp_path / f"{PRUNED}.log"
     log.write_text((FIXTURES / "nvidia-tensorrt-4177.log").read_text())
     out = tmp_path / "prof"
     assert profile_main.run([str(bundle), "--from-log", str(log), str(FIXTURES / "thu-mig-yolov10-463.log"),
                              "--out", str(out)]) == 0
     rows = {r["name"]: r for r in json.loads((out / "profile.json").read_text())}
-    assert rows["gridprune-k144"]["keep"] == 0.25 and rows["gridprune-k144"]["median"] == 7.14139
+    assert rows[PRUNED]["keep"] == 0.25 and rows[PRUNED]["median"] == 7.14139
     assert rows["thu-mig-yolov10-463"]["keep"] is None and rows["thu-mig-yolov10-463"]["p99"] == 1.33472
 
 

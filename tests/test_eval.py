@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from preset_geometry import preset_tokens, spec_k
 from vlmprune.errors import VlmpruneError
 from vlmprune.eval import PrunedVLM
 from vlmprune.export.exporter import ExportRequest, export_bundle
@@ -28,6 +29,9 @@ from vlmprune.runtime.eval_progress import LineProgress
 from vlmprune.runtime.pipeline import Pipeline
 
 TOKENS = "3"  # --max-new-tokens: short answers keep the runs fast
+N, _ = preset_tokens(ExportRequest.model)  # the bundle's preset (prune-export's default model)
+K = {keep: spec_k(keep, N) for keep in (0.25, 0.5)}
+NONE = f"none-k{N}"  # the unpruned bucket
 
 
 @pytest.fixture(scope="module")
@@ -202,13 +206,13 @@ def test_prune_eval_writes_results_table_and_plot(bundle, data, tmp_path, capsys
     assert len(results) == 1 + 4 * 3  # 4 items x (none, 0.5, 0.25)
     report = json.loads((out / "summary.json").read_text())
     rows = {r["bucket"]: r for r in report["rows"]}
-    assert list(rows) == ["none-k576", "fopru-k288", "fopru-k144"]
+    assert list(rows) == [NONE, f"fopru-k{K[0.5]}", f"fopru-k{K[0.25]}"]
     by = {(r["bucket"], r["qid"]): r for r in results[1:]}
-    ref = next(r for r in results[1:] if r["bucket"] == "none-k576" and r["qid"] == "0")
+    ref = next(r for r in results[1:] if r["bucket"] == NONE and r["qid"] == "0")
     assert ref["token_ids"] == unpruned.token_ids
     for name, row in rows.items():
         recs = [by[(name, q)] for q in "0123"]
-        nones = [by[("none-k576", q)] for q in "0123"]
+        nones = [by[(NONE, q)] for q in "0123"]
         assert row["items"] == row["labelled"] == 4
         assert row["identical_answer"] == sum(r["token_ids"] == n["token_ids"] for r, n in zip(recs, nones)) / 4
         assert row["first_token"] == sum(r["first_token"] == n["first_token"] for r, n in zip(recs, nones)) / 4
@@ -216,10 +220,10 @@ def test_prune_eval_writes_results_table_and_plot(bundle, data, tmp_path, capsys
         answers = [line["answer"] for line in lines]
         light = lambda t: t.strip().rstrip(".").strip().lower()  # noqa: E731
         assert row["exact_match"] == sum(light(r["text"]) == light(a) for r, a in zip(recs, answers)) / 4
-    assert rows["none-k576"]["identical_answer"] == rows["none-k576"]["first_token"] == 1.0
-    assert rows["none-k576"]["exact_match"] >= 0.25  # item 0 at least
+    assert rows[NONE]["identical_answer"] == rows[NONE]["first_token"] == 1.0
+    assert rows[NONE]["exact_match"] >= 0.25  # item 0 at least
     table = (out / "summary.md").read_text()
-    assert "| fopru | 0.25 | 144 | 4 |" in table and "VQA acc" in table and table in captured.out
+    assert f"| fopru | 0.25 | {K[0.25]} | 4 |" in table and "VQA acc" in table and table in captured.out
     png = Image.open(out / "pareto.png")
     assert png.size[0] > 1000 and png.size[1] > 300
     # a second run resumes everything: no new answers, the same summary
@@ -309,9 +313,9 @@ def test_ctrl_c_keeps_the_answers_and_says_how_to_resume(bundle, data, tmp_path,
     assert len(_lines(tmp_path / "o" / "results.jsonl")) == 1 + 3
     calls = _count_generate(monkeypatch)
     assert eval_main.run(args) == 0
-    assert len(calls) == 4 * 2 - 3  # --keep 0.25: the unpruned bucket and fopru-k144
+    assert len(calls) == 4 * 2 - 3  # --keep 0.25: the unpruned bucket and the 0.25 one
     rows = json.loads((tmp_path / "o" / "summary.json").read_text())["rows"]
-    assert [r["bucket"] for r in rows] == ["none-k576", "fopru-k144"] and all(r["items"] == 4 for r in rows)
+    assert [r["bucket"] for r in rows] == [NONE, f"fopru-k{K[0.25]}"] and all(r["items"] == 4 for r in rows)
 
 
 def test_malformed_data_is_skipped_with_one_line_each(bundle, data, tmp_path, capsys):
@@ -378,7 +382,7 @@ def test_python_entry_for_evaluation_harnesses(bundle, data):
     text = vlm.generate(str(image), "What color is the house?")
     expected = Pipeline(bundle).generate(image, "What color is the house?", keep=0.25, max_new_tokens=5)
     assert text == expected.text and vlm.last.token_ids == expected.token_ids and vlm.keep == 0.25
-    assert vlm.last.visual_tokens_kept == 144 and vlm.last.timings.ttft_ms > 0
+    assert vlm.last.visual_tokens_kept == K[0.25] and vlm.last.timings.ttft_ms > 0
     message = [{"type": "image", "value": str(image)}, {"type": "text", "value": "What color is the house?"}]
     assert vlm.generate_message(message) == text
     assert vlm(Image.open(image), "What color is the house?") == text

@@ -11,15 +11,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from preset_geometry import preset_tokens, spec_k
 from vlmprune.bundle import load_manifest
 from vlmprune.errors import VlmpruneError
 from vlmprune.export.cli import main as export_main
 from vlmprune.export.exporter import ExportRequest, export_bundle
 from vlmprune.export.progress import Steps
+from vlmprune.models import PRESETS
 from vlmprune.prune import METHODS
 
-EXPECTED_K = {"fopru": [144, 288], "gprune": [144, 288], "gridprune": [144, 288], "l2norm": [144, 288],
-              "pool": [144], "none": []}
+N, GRID = preset_tokens(ExportRequest.model)  # the bundles' preset (prune-export's default model)
+SIZE = PRESETS[ExportRequest.model].image_size
+Q, H = spec_k(0.25, N), spec_k(0.5, N)  # the buckets of --keep 0.25,0.5
+EXPECTED_K = {"fopru": [Q, H], "gprune": [Q, H], "gridprune": [Q, H], "l2norm": [Q, H],
+              "pool": [N // 4], "none": []}  # pool: N/4 whatever the ratio; none: only the unpruned bucket
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,7 @@ def test_every_method_exports_two_buckets_and_validates(bundles, name):
     result = bundles[name]
     manifest = load_manifest(result.path)
     ks = [b["k"] for b in manifest["vision"]["buckets"]]
-    assert ks == [576] + EXPECTED_K[name]
+    assert ks == [N] + EXPECTED_K[name]
     assert result.validation["passed"]
     checks = result.validation["checks"]
     index_checks = [c for c in checks if c["output"] == "kept_indices"]
@@ -46,7 +51,7 @@ def test_every_method_exports_two_buckets_and_validates(bundles, name):
     assert json.loads((result.path / "validation.json").read_text())["passed"]
     for bucket in manifest["vision"]["buckets"]:
         sess = ort.InferenceSession(str(result.path / bucket["file"]), providers=["CPUExecutionProvider"])
-        feeds = {"pixel_values": np.zeros((1, 3, 336, 336), np.float32)}
+        feeds = {"pixel_values": np.zeros((1, 3, SIZE, SIZE), np.float32)}
         if any(i["name"] == "text_embeds" for i in bucket["inputs"]):
             feeds["text_embeds"] = np.ones((1, manifest["text_encoder"]["projection_dim"]), np.float32)
         embeds, kept = sess.run(None, feeds)
@@ -55,10 +60,10 @@ def test_every_method_exports_two_buckets_and_validates(bundles, name):
         assert bucket["outputs"][0]["shape"] == [1, bucket["k"], manifest["decoder"]["hidden_size"]]
 
 
-def test_fopru_quarter_returns_144_tokens_and_lints_clean(bundles):
+def test_fopru_quarter_returns_a_quarter_of_the_tokens_and_lints_clean(bundles):
     manifest = load_manifest(bundles["fopru"].path)
     bucket = next(b for b in manifest["vision"]["buckets"] if b["keep"] == 0.25)
-    assert bucket["k"] == 144
+    assert bucket["k"] == Q
     for graph, per_target in manifest["lint"].items():
         for target in ("trt8.6", "trt10", "trt11"):
             assert per_target[target]["ok"], (graph, target, per_target[target]["findings"][:3])
@@ -73,7 +78,7 @@ def test_gridprune_bundle_has_a_text_encoder(bundles):
 
 
 def test_encoder_stops_at_the_feature_layer_and_exports_no_attention_output(bundles):
-    path = bundles["fopru"].path / "vision_fopru_k144.onnx"
+    path = bundles["fopru"].path / f"vision_fopru_k{Q}.onnx"
     model = onnx.load(str(path), load_external_data=False)
     names = " ".join(n.name for n in model.graph.node)
     assert "layers.2" in names and "layers.3" not in names  # 4 layers, features from the penultimate (index 2)
@@ -130,7 +135,7 @@ def test_fp16_keeps_layernorm_and_the_pruning_subgraph_in_fp32(tmp_path):
     result = export_bundle(ExportRequest(method="gprune", keeps=[0.25], out=tmp_path / "b", precision="fp16"),
                            Steps(quiet=True))
     assert result.manifest["precision"] == "fp16" and result.validation["precision"] == "fp16"
-    model = onnx.load(str(result.path / "vision_gprune_k144.onnx"))
+    model = onnx.load(str(result.path / f"vision_gprune_k{Q}.onnx"))
     dtypes = {t.name: t.data_type for t in model.graph.initializer}
     size = {t.name: onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
     by_type = lambda dt: sum(size[n] for n, d in dtypes.items() if d == dt)  # noqa: E731
@@ -209,7 +214,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
         (["--method", "fastv", "--keep", "0.25"], "unknown pruning method 'fastv'"),
         (["--method", "fopru", "--keep", "0"], r"keep ratio 0.0 is outside \(0, 1\]"),
         (["--method", "fopru", "--keep", "1.5"], r"keep ratio 1.5 is outside \(0, 1\]"),
-        (["--method", "fopru", "--tokens", "600"], "K=600 tokens is outside 1..N=576"),
+        (["--method", "fopru", "--tokens", str(N + 24)], f"K={N + 24} tokens is outside 1..N={N}"),
         (["--method", "fopru", "--keep", "a,b"], "is not a comma-separated list"),
         (["--method", "fopru", "--keep", "0.25", "--option", "alpha=1"], "has no option 'alpha'"),
         (["--method", "fopru", "--keep", "0.25", "--model", "nobody/nothing"], "'nobody/nothing' not found"),
@@ -217,7 +222,8 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
         (["--method", "gridprune", "--keep", "0.25", "--option", "alpha=5"], r"alpha='5' .* is not in \[0, 1\]"),
         (["--method", "gridprune", "--keep", "0.25", "--option", "tau=0"], r"tau='0' .* is not in \[0.0001, 100\]"),
         (["--method", "gridprune", "--keep", "0.25", "--option", "zones=0"], "zones='0' .* is not integer in"),
-        (["--method", "gridprune", "--keep", "0.25", "--option", "zones=100"], "zones=100 exceeds the 24x24 patch grid"),
+        (["--method", "gridprune", "--keep", "0.25", "--option", "zones=100"],
+         f"zones=100 exceeds the {GRID[0]}x{GRID[1]} patch grid"),
         (["--method", "gprune", "--keep", "0.25", "--option", "temperature=0"], "temperature='0' .* is not in"),
         (["--method", "gprune", "--keep", "0.25", "--option", "threshold=nan"], r"threshold='nan' .* is not in \[-1, 1\]"),
         (["--method", "gprune", "--keep", "nan"], r"keep ratio nan is outside \(0, 1\]"),
@@ -245,7 +251,7 @@ def test_list_options_shows_ranges_and_defaults(capsys):
 
 def test_pool_buckets_say_the_k_they_hold(bundles):
     bucket = bundles["pool"].manifest["vision"]["buckets"][1]  # asked for 0.25 and 0.5: one bucket, N/4 tokens
-    assert bucket["name"] == "pool-k144" and bucket["k"] == 144 and bucket["keep"] == 0.25
+    assert bucket["name"] == f"pool-k{N // 4}" and bucket["k"] == N // 4 and bucket["keep"] == 0.25
 
 
 def test_gridprune_without_clip_is_refused(tmp_path, tiny, capsys):

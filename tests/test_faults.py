@@ -22,15 +22,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from preset_geometry import preset_tokens, spec_k
 from vlmprune import atomic, integrity
 from vlmprune.bundle import Bundle
 from vlmprune.errors import VlmpruneError
 from vlmprune.export.exporter import ExportRequest, export_bundle
 from vlmprune.export.progress import Steps
+from vlmprune.models import PRESETS
 from vlmprune.runtime.cli import run_main, viz_main
 from vlmprune.sample import make_sample_image
 
 PROMPT = "What is next to the red house?"
+N, _ = preset_tokens(ExportRequest.model)  # the bundles' preset (prune-export's default model)
+SIZE = PRESETS[ExportRequest.model].image_size
+NONE, GRIDPRUNE = f"none-k{N}", f"gridprune-k{spec_k(0.25, N)}"  # the gridprune bundle's buckets
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +109,13 @@ CRAFTED = {
     "schema_version -1": (edit(["schema_version"], -1), "schema_version must be an integer >= 1"),
     "schema_version true": (edit(["schema_version"], True), "schema_version must be an integer >= 1"),
     "empty bucket list": (edit(["vision", "buckets"], []), r"vision.buckets must have 1\.\.1024 entries"),
-    "k beyond N": (lambda m: edit(["vision", "buckets", 1, "k"], 5000)(m), "k must be in|more than the 576"),
+    "k beyond N": (lambda m: edit(["vision", "buckets", 1, "k"], N + 1)(m), f"k must be in|more than the {N}"),
     "num_patches": (edit(["vision", "view", "num_patches"], 100), "num_patches is 100, but the grid"),
     "std 0": (edit(["preprocessing", "std"], [0.2, 0, 0.2]), r"preprocessing.std\[1\] must be in \(0"),
     "std nan": (lambda m: edit(["preprocessing", "std"], [0.2, float("nan"), 0.2])(m), "must be a finite number"),
     "eos outside vocab": (edit(["decoder", "eos_token_id"], 10**6), "eos_token_id is 1000000, outside the vocab"),
     "max_context 1": (edit(["decoder", "max_context"], 1), r"decoder.max_context must be in 2\.\."),
-    "k as text": (lambda m: edit(["vision", "buckets", 0, "k"], "576")(m), "k must be an integer"),
+    "k as text": (lambda m: edit(["vision", "buckets", 0, "k"], str(N))(m), "k must be an integer"),
     "absolute path": (edit(["prompt", "tokenizer"], "/etc/passwd"), "not a plain relative path"),
     "parent path": (edit(["decoder", "embeddings", "file"], "../../x.npy"), "not a plain relative path"),
     "unrecorded path": (edit(["vision", "buckets", 0, "file"], "other.onnx"), "not in the bundle's integrity record"),
@@ -192,17 +197,17 @@ def test_engines_records_without_files_or_bucket(copy, capsys):
         folder = copy / "engines" / "trt10-fp16"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        (folder / "none-k576.engine").write_bytes(b"\0" * 64)
+        (folder / f"{NONE}.engine").write_bytes(b"\0" * 64)
         meta = {"target": "trt10", "precision": "fp16", "for_manifest": b.manifest_sha, "files": meta_files,
                 "trt_version": "10.3.0", "gpu": "Orin", "compute_capability": "8.7"}
         integrity.write_record(folder, integrity.make_record(folder, written_by="prune-build", meta=meta))
 
     engines({})
     assert "meta.files is empty" in one_line_error(capsys, run(copy, "--engines", "trt10-fp16"))
-    engines({"none-k576": "none-k576.engine"})
+    engines({NONE: f"{NONE}.engine"})
     line = one_line_error(capsys, run(copy, "--engines", "trt10-fp16", "--keep", "0.25"))
-    assert "have no engine for bucket gridprune-k144" in line
-    engines({"gridprune-k144": "../../../etc/passwd"})
+    assert f"have no engine for bucket {GRIDPRUNE}" in line
+    engines({GRIDPRUNE: "../../../etc/passwd"})
     assert "not a plain relative path" in one_line_error(capsys, run(copy, "--engines", "trt10-fp16"))
     assert "has no engines 'trt8'" in one_line_error(capsys, run(copy, "--engines", "trt8"))
 
@@ -217,7 +222,7 @@ def test_quick_check_reads_large_files_only_in_samples(copy, monkeypatch):
     monkeypatch.setattr(integrity, "sha256_file", lambda p, *a: hashed.append(Path(p).name) or real(p, *a))
     Bundle.open(copy, "quick")
     large = {"vision.weights", "decoder.weights", "embed_tokens.npy", "text_encoder.weights"}
-    assert large.isdisjoint(hashed) and "vision_none_k576.onnx" in hashed  # graphs are structure: hashed whole
+    assert large.isdisjoint(hashed) and f"vision_none_k{N}.onnx" in hashed  # graphs are structure: hashed whole
     hashed.clear()
     Bundle.open(copy, "full")
     assert large <= set(hashed)
@@ -350,7 +355,8 @@ def test_an_export_killed_at_each_stage_leaves_a_bundle_and_its_leftovers_are_cl
         assert Bundle.open(out, "full").manifest_sha == old_sha  # the old bundle, untouched
     elif stage == "swap":
         new = Bundle.open(out, "full")
-        assert new.manifest_sha != old_sha and [b["k"] for b in new.manifest["vision"]["buckets"]] == [576, 288]
+        new_ks = [b["k"] for b in new.manifest["vision"]["buckets"]]
+        assert new.manifest_sha != old_sha and new_ks == [N, spec_k(0.5, N)]  # the killed run's --keep 0.5 bundle
     else:
         assert not out.exists() and any(".old-" in n for n in leftovers)  # the two-rename window ...
     with claim(out, force=True) as place:  # ... what the next run does first
@@ -514,9 +520,9 @@ def test_profile_calibrate_build_run_in_any_order_keep_the_bundle_usable(copy, t
     (copy / "profile" / "profile.csv").write_text("edited")
     assert run(copy) == 0
     # the engines' own record protects them; the runtime refuses a changed engine before TensorRT is touched
-    (copy / "engines" / "trt10-fp16" / "none-k576.engine").write_bytes(b"Engine")
+    (copy / "engines" / "trt10-fp16" / f"{NONE}.engine").write_bytes(b"Engine")
     line = one_line_error(capsys, run(copy, "--engines", "trt10-fp16", "--keep", "1.0"))
-    assert "none-k576.engine" in line and "does not match its checksum" in line
+    assert f"{NONE}.engine" in line and "does not match its checksum" in line
     shutil.rmtree(copy / "engines")  # deleting derived outputs leaves the bundle usable
     shutil.rmtree(copy / "int8")
     assert run(copy) == 0
@@ -537,20 +543,20 @@ def test_hostile_images(bundle, tmp_path, capsys):
                           (link, "not a regular file"), (tmp_path, "is a folder")]:
         assert message in one_line_error(capsys, run(bundle, image=path))
     pipe = Pipeline(bundle)
-    for size in [(10000, 1), (1, 10000), (3000, 1)]:  # 114-byte PNGs that would resize to 336 x 3.4 million
+    for size in [(10000, 1), (1, 10000), (3000, 1)]:  # 114-byte PNGs that would resize to SIZE x 3.4 million
         path = tmp_path / f"{size[0]}x{size[1]}.png"
         Image.new("RGB", size, (200, 30, 30)).save(path)
         pixels = pipe.preprocess(preprocess.load_image(path))
-        assert pixels.shape == (1, 3, 336, 336) and np.isfinite(pixels).all()
-        assert np.allclose(pixels[0, :, 168, 168], pipe.preprocess(Image.new("RGB", (336, 336), (200, 30, 30)))[0, :, 0, 0],
-                           atol=1e-5)
+        assert pixels.shape == (1, 3, SIZE, SIZE) and np.isfinite(pixels).all()
+        plain = pipe.preprocess(Image.new("RGB", (SIZE, SIZE), (200, 30, 30)))
+        assert np.allclose(pixels[0, :, SIZE // 2, SIZE // 2], plain[0, :, 0, 0], atol=1e-5)
     # the region-only resize agrees with the full resize (where the full one fits in memory)
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (7, 1500, 3)).astype(np.uint8))
-    full = np.asarray(img.resize(preprocess.shortest_edge_size(img.size, 336), Image.Resampling.BICUBIC))
-    left = (full.shape[1] - 336) // 2
-    region = np.asarray(preprocess.resize_then_crop(img, 336, "bicubic", (336, 336)))
-    assert np.abs(full[:, left:left + 336].astype(int) - region).max() <= 1
+    full = np.asarray(img.resize(preprocess.shortest_edge_size(img.size, SIZE), Image.Resampling.BICUBIC))
+    left = (full.shape[1] - SIZE) // 2
+    region = np.asarray(preprocess.resize_then_crop(img, SIZE, "bicubic", (SIZE, SIZE)))
+    assert np.abs(full[:, left:left + SIZE].astype(int) - region).max() <= 1
     # EXIF orientation is applied, as transformers' load_image does
     upright = make_sample_image(480, 360)
     rotated = upright.transpose(Image.Transpose.ROTATE_90)  # how the sensor stored it
@@ -587,7 +593,7 @@ def test_hostile_prompts(bundle, capsys):
         argv = [str(bundle), "--image", "sample", "--prompt", "hi", "--max-new-tokens", "2", *args]
         assert message in one_line_error(capsys, run_main.run(argv))
     # original positions must not run past the context: one line, before any graph runs
-    long = "sky " * 500  # ~650 tokens with 144 image tokens: fits; ~1080 positions with gaps: does not
+    long = "sky " * 500  # ~650 tokens with a quarter of the image tokens: fits; ~1080 positions with gaps: does not
     pipe_orig = Pipeline(bundle, positions="original")
     with pytest.raises(VlmpruneError, match="position ids reach .* past the model's context of 1024"):
         pipe_orig.generate(make_sample_image(), long, keep=0.25)

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from vlmprune.errors import VlmpruneError
-from vlmprune.models import load_model
+from vlmprune.models import PRESETS, load_model
+from vlmprune.models.presets import LLAVA_V16_PINPOINTS
 from vlmprune.models.registry import Capabilities, Family, RuntimeRecipe, families, family_for
 from vlmprune.prune import METHODS
 from vlmprune.runtime.anyres import AnyresPreprocessor, select_best_resolution, unpadded_span
@@ -65,12 +66,16 @@ def test_load_model_refuses_a_method_before_loading(monkeypatch):
 def test_preset_has_next_geometry(nxt):
     cfg = nxt.model.config
     assert nxt.model.__class__.__name__ == "LlavaNextForConditionalGeneration"
-    assert cfg.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-    assert cfg.vision_config.image_size == 336 and nxt.vision.patch_size == 14
+    spec = PRESETS["tiny-llava-next"]
+    assert spec.grid_pinpoints == LLAVA_V16_PINPOINTS  # llava-hf/llava-v1.6-*-hf's canvases
+    assert cfg.image_grid_pinpoints == [list(p) for p in LLAVA_V16_PINPOINTS]
+    size = cfg.vision_config.image_size
+    assert (size, nxt.vision.patch_size) == (spec.image_size, spec.patch_size) and nxt.side == size // spec.patch_size
     assert [v.name for v in nxt.vision.views] == ["base", "crop"]
     assert all(v.grid == (nxt.side, nxt.side) and v.has_cls for v in nxt.vision.views)
     assert [lay.name for lay in nxt.layouts] == ["1x2", "2x1", "2x2", "3x1", "1x3"]
-    assert max(lay.num_views for lay in nxt.layouts) * nxt.side**2 == 2880  # 5 views of 576
+    most = 1 + max((h // size) * (w // size) for h, w in LLAVA_V16_PINPOINTS)  # the base view + the most crops
+    assert max(lay.num_views for lay in nxt.layouts) == most
     assert nxt.image_newline.shape == (nxt.text.hidden_size,) and float(nxt.image_newline.abs().max()) > 0.1
     assert nxt.family.model_type == "llava_next"
     pre = nxt.preprocessing.to_dict()
@@ -78,7 +83,8 @@ def test_preset_has_next_geometry(nxt):
 
 
 def test_pieces_match_the_library_forward(nxt):
-    x = torch.randn(3, 3, 336, 336, generator=torch.Generator().manual_seed(0))  # base + two crops (layout 1x2)
+    size = nxt.vision.views[0].image_size
+    x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(0))  # base + two crops (layout 1x2)
     hidden = nxt.hidden_before_scoring(x)
     ours = nxt.project(nxt.select_patches(nxt.scoring_layer(hidden)))
     out = nxt.model.model.vision_tower(x, output_hidden_states=True)
@@ -88,8 +94,9 @@ def test_pieces_match_the_library_forward(nxt):
 
 # --- anyres preprocessing parity ----------------------------------------------------------------------------------
 
+S = PRESETS["tiny-llava-next"].image_size  # the base view's side
 # (width, height): square, 2:1, 1:3, tiny, over 4000 px, and odd sizes that pad unevenly
-SIZES = [(500, 500), (800, 400), (400, 800), (300, 900), (13, 20), (4100, 1500), (1000, 337), (336, 1009), (640, 480)]
+SIZES = [(500, 500), (800, 400), (400, 800), (300, 900), (13, 20), (4100, 1500), (1000, S + 1), (S, 1009), (640, 480)]
 
 
 def _photo(size, seed=0):
@@ -108,7 +115,7 @@ def test_anyres_preprocessing_matches_the_processor(nxt, size):
     n = layout.num_views
     assert hw == tuple(int(v) for v in theirs["image_sizes"][0]) == (size[1], size[0])
     assert layout.pinpoint == select_best_resolution(hw, nxt.model.config.image_grid_pinpoints)
-    assert ours.shape == (n, 3, 336, 336) and ours.dtype == np.float32
+    assert ours.shape == (n, 3, *nxt.vision.views[0].image_size) and ours.dtype == np.float32
     assert not pv[n:].any()  # the processor pads the batch with empty views beyond this layout's
     diff = float(np.abs(ours - pv[:n]).max())
     assert diff <= 1e-5, diff
@@ -135,7 +142,7 @@ def test_unpadding_and_token_count_match_transformers(nxt, size):
     top, bottom, left, right = unpadded_span((h, w), layout.raster)
     assert torch.equal(kept, grid[:, top:bottom, left:right])
     assert layout.valid_mask((h, w)).sum() == kept.numel()
-    expected = nxt.processor._get_number_of_features(h, w, 336, 336) - 1  # "default" drops CLS
+    expected = nxt.processor._get_number_of_features(h, w, *nxt.vision.views[0].image_size) - 1  # "default": no CLS
     assert layout.num_tokens((h, w), nxt.side**2) == expected
 
 
@@ -175,7 +182,7 @@ def test_per_crop_methods_equal_the_single_view_method_on_whole_crops(method):
     s = torch.rand(2, side * side, generator=g)
     valid = _crop_valid(2, side, 5)
     k = dynamic_budget(0.25, valid.float().sum(-1))
-    assert k.tolist() == [36.0, 21.0]  # round(0.25 * 144), round(0.25 * 84)
+    assert k.tolist() == [36.0, 21.0]  # round(0.25 * 12 * 12), round(0.25 * 12 * 7)
     if method == "gridprune":
         kept = gridprune_crops(r, s, valid, k, (side, side), zones, 1.0)
         whole = gridprune_from_scores(r[0:1], s[0:1], 36, (side, side), zones, 1.0)

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from preset_geometry import spec_k
 from vlmprune.errors import VlmpruneError
 from vlmprune.export.anyres_export import validation_size
 from vlmprune.export.anyres_graphs import OUTPUTS, AnyresVisionGraph
 from vlmprune.export.exporter import ExportRequest, export_bundle
 from vlmprune.export.progress import Steps
 from vlmprune.models import load_model
+from vlmprune.runtime import viz
 from vlmprune.runtime.anyres_pipeline import AnyresPipeline, open_pipeline
 from vlmprune.sample import make_sample_image
 
@@ -96,7 +98,9 @@ def test_manifest_records_views_layouts_and_parts(nxt, gprune_bundle):
     assert m["prompt"]["stitch"] == "anyres_raster" and m["prompt"]["positions"] == "original"  # G-Prune's default
     assert m["preprocessing"]["kind"] == "anyres"
     g = next(b for b in m["vision"]["buckets"] if b["name"].startswith("gprune-2x2"))
-    assert g["num_views"] == 5 and [p["k"] for p in g["parts"]] == [144, 576]  # 0.25 x 576, 0.25 x 2304
+    n = nxt.vision.views[0].num_patches
+    # 0.25 of the base view's patches, 0.25 of the 2x2 raster's: static sizes, whatever the padding of an image
+    assert g["num_views"] == 5 and [p["k"] for p in g["parts"]] == [spec_k(0.25, n), spec_k(0.25, 2 * 2 * n)]
     assert {i["name"] for i in g["inputs"]} == {"pixel_values", "valid_mask"}
     assert [o["name"] for o in g["outputs"]] == OUTPUTS
     assert m["model"]["family"]["model_type"] == "llava_next"
@@ -238,7 +242,7 @@ def test_prune_run_and_prune_viz_on_an_anyres_bundle(gprune_bundle, tmp_path, ca
     assert viz_main.run([str(gprune_bundle), "--image", "sample", "-o", str(png)]) == 0
     with Image.open(png) as sheet:
         arr = np.asarray(sheet.convert("RGB"))
-    assert sheet.width >= 2 * 336 and arr.std() > 20  # two panels (base view, raster) with a picture in them
+    assert sheet.width >= 2 * viz.PANEL and arr.std() > 20  # two panels (base view, raster) with a picture in them
 
 
 def test_prune_export_layouts_flag(tmp_path, capsys):

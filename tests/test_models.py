@@ -10,33 +10,36 @@ import torch
 from PIL import Image
 
 from vlmprune.errors import VlmpruneError
-from vlmprune.models import load_model, resolve_path
+from vlmprune.models import PRESETS, load_model, resolve_path
 from vlmprune.prune import METHODS, cls_attention, head_mean_attention
 
 
 def test_tiny_preset_has_llava15_geometry(tiny):
+    spec, vcfg = PRESETS["tiny-llava"], tiny.model.config.vision_config
+    assert (vcfg.image_size, vcfg.patch_size) == (spec.image_size, spec.patch_size)  # the checkpoint has the spec's
+    side = vcfg.image_size // vcfg.patch_size
     view = tiny.vision.views[0]
-    assert view.grid == (24, 24) and view.num_patches == 576 and view.has_cls
-    assert view.image_size == (336, 336) and tiny.vision.patch_size == 14
+    assert view.grid == (side, side) and view.num_patches == side * side and view.has_cls
+    assert view.image_size == (vcfg.image_size, vcfg.image_size) and tiny.vision.patch_size == vcfg.patch_size
     assert tiny.vision.feature_layer == -2 and tiny.vision.layers_run == tiny.vision.num_layers - 1
-    assert tiny.preprocessing.crop_size == (336, 336) and tiny.preprocessing.resample == "bicubic"
+    assert tiny.preprocessing.crop_size == view.image_size and tiny.preprocessing.resample == "bicubic"
     assert tiny.text.image_token == "<image>"
     assert tiny.tokenizer.convert_tokens_to_ids("<image>") == tiny.text.image_token_id
     assert tiny.model.__class__.__name__ == "LlavaForConditionalGeneration"
     assert (tiny.path / "model.safetensors").exists() and (tiny.path / "tokenizer.json").exists()
 
 
-def pixels(seed=0):
-    return torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(seed))
+def pixels(tiny, seed=0):
+    return torch.randn(1, 3, *tiny.vision.views[0].image_size, generator=torch.Generator().manual_seed(seed))
 
 
 def test_pieces_match_the_library_forward(tiny):
-    x = pixels()
+    x = pixels(tiny)
     hidden = tiny.hidden_before_scoring(x)
     features = tiny.scoring_layer(hidden)
     ours = tiny.project(tiny.select_patches(features))
     theirs = tiny.reference_image_features(x)
-    assert ours.shape == (1, 576, tiny.text.hidden_size)
+    assert ours.shape == (1, tiny.vision.views[0].num_patches, tiny.text.hidden_size)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     hf = tiny.model.model.get_image_features(pixel_values=x, vision_feature_layer=-2,
                                              vision_feature_select_strategy="default")
@@ -45,7 +48,7 @@ def test_pieces_match_the_library_forward(tiny):
 
 
 def test_side_branch_reproduces_the_scoring_layer_attention(tiny):
-    x = pixels(1)
+    x = pixels(tiny, 1)
     hidden = tiny.hidden_before_scoring(x)
     q, k, scale = tiny.scoring_qk(hidden)
     ours = head_mean_attention(q, k, scale)
@@ -61,7 +64,7 @@ def test_the_unused_last_layer_never_runs(tiny):
     last = tiny.model.model.vision_tower.encoder.layers[-1]
     handle = last.register_forward_hook(lambda *a: calls.append(1))
     try:
-        tiny.scoring_layer(tiny.hidden_before_scoring(pixels()))
+        tiny.scoring_layer(tiny.hidden_before_scoring(pixels(tiny)))
     finally:
         handle.remove()
     assert calls == []
@@ -73,9 +76,10 @@ def test_processor_and_chat_template(tiny):
     assert prompt == "USER: <image>\nWhat is shown? ASSISTANT:"
     image = Image.fromarray(np.zeros((300, 400, 3), np.uint8))
     inputs = tiny.processor(images=image, text=prompt, return_tensors="pt")
-    assert int((inputs["input_ids"] == tiny.text.image_token_id).sum()) == 576
+    view = tiny.vision.views[0]
+    assert int((inputs["input_ids"] == tiny.text.image_token_id).sum()) == view.num_patches
     assert inputs["input_ids"][0, 0].item() == tiny.text.bos_token_id
-    assert inputs["pixel_values"].shape == (1, 3, 336, 336)
+    assert inputs["pixel_values"].shape == (1, 3, *view.image_size)
     out = tiny.model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
 
@@ -87,13 +91,13 @@ def test_clip_side_for_gridprune(tiny):
     t = tiny.text_embeds(ids)
     assert t.shape == (1, tiny.clip.projection_dim)
     torch.testing.assert_close(t.norm(dim=-1), torch.ones(1))
-    patches = tiny.select_patches(tiny.scoring_layer(tiny.hidden_before_scoring(pixels())))
-    assert tiny.joint_embeds(patches).shape == (1, 576, tiny.clip.projection_dim)
+    patches = tiny.select_patches(tiny.scoring_layer(tiny.hidden_before_scoring(pixels(tiny))))
+    assert tiny.joint_embeds(patches).shape == (1, tiny.vision.views[0].num_patches, tiny.clip.projection_dim)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_runs_on_the_model_features(tiny, name):
-    x = pixels(2)
+    x = pixels(tiny, 2)
     hidden = tiny.hidden_before_scoring(x)
     features = tiny.scoring_layer(hidden)
     text = None
@@ -101,7 +105,8 @@ def test_every_method_runs_on_the_model_features(tiny, name):
         text = tiny.text_embeds(tiny.clip.tokenizer("the dog", return_tensors="pt")["input_ids"])
     ctx = tiny.score_context(hidden, features, text)
     spec = METHODS[name]
-    module = spec.build(spec.resolve_k(576, (24, 24), keep=0.25), (24, 24), True)
+    view = tiny.vision.views[0]
+    module = spec.build(spec.resolve_k(view.num_patches, view.grid, keep=0.25), view.grid, True)
     indices, tokens = module(ctx)
     assert indices.shape == (1, module.k) and tokens.shape[1] == module.k
     kept = indices[0].tolist()

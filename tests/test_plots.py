@@ -12,15 +12,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 
+from preset_geometry import preset_tokens, spec_k  # noqa: E402
 from vlmprune.export.bench_plots import plots, stage_segments, stages_figure, ttft_figure  # noqa: E402
 from vlmprune.palette import method_color  # noqa: E402
 from vlmprune.runtime.profile_cli import profile_figure, write_outputs  # noqa: E402
 
 
+N, _ = preset_tokens("bench-llava")  # prune-bench's preset
+
+
+def _k(keep):
+    return spec_k(keep, N)
+
+
 def _rows():
     rows = []
     for method in ("fopru", "gprune", "gridprune"):
-        for keep, k in ((1.0, 576), (0.5, 288), (0.25, 144), (0.111, 64)):
+        for keep in (1.0, 0.5, 0.25, 0.111):
+            k = _k(keep)
             stages = dict(preprocess_ms=3.0, text_encoder_ms=2.0 if method == "gridprune" else 0.0,
                           vision_in_run_ms=13.0, vision_prune_ms=12.0, prefill_ms=200 * keep + 15)
             # most runs leave a few ms outside the stages; one bar's stage medians sum past its TTFT median
@@ -80,8 +89,9 @@ def test_bench_plots_use_the_palette(tmp_path):
 
 def _profile_rows(with_p10=True):
     rows = []
-    for method, keep, k, med in (("none", 1.0, 576, 13.0), ("fopru", 0.25, 144, 9.0), ("fopru", 0.5, 288, 10.0),
-                                 ("gridprune", 0.25, 144, 9.5)):
+    for method, keep, med in (("none", 1.0, 13.0), ("fopru", 0.25, 9.0), ("fopru", 0.5, 10.0),
+                              ("gridprune", 0.25, 9.5)):
+        k = _k(keep)
         r = {"name": f"{method}-k{k}", "method": method, "keep": keep, "k": k, "min": med - 3, "median": med,
              "mean": med, "max": med + 8, "p90": med + 2, "p95": med + 3, "p99": med + 6, "metric": "CPU latency"}
         if with_p10:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from preset_geometry import preset_grid
 from vlmprune.models import PRESETS, load_model
 from vlmprune.models.registry import families
 from vlmprune.sample import make_sample_image
@@ -30,6 +31,8 @@ def test_preset_loads_through_its_family(adapter):
 
 def test_geometry_follows_the_config(adapter):
     vcfg = adapter.model.config.vision_config
+    # the spec-only grids that other test modules parametrise over (tests/preset_geometry.py) are the loaded ones
+    assert {view.grid for view in adapter.vision.views} == {preset_grid(PRESETS[adapter.source])}
     if adapter.arch == "qwen2_5_vl":  # a static bucket size, merged 2x2 (tests/test_qwen2_5_vl.py has the rest)
         (view,) = adapter.vision.views
         side = vcfg.patch_size * vcfg.spatial_merge_size

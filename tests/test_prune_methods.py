@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import prune_reference as ref
+from preset_geometry import PRESET_GRIDS, grid_id
 from vlmprune.prune import (
     METHODS,
     TensorContext,
@@ -18,7 +19,7 @@ from vlmprune.prune import (
 )
 
 SEEDS = [0, 1, 2]
-GRIDS = [(24, 24), (12, 20)]  # LLaVA-1.5's 576 tokens and a non-square grid
+GRIDS = [*PRESET_GRIDS, (12, 20)]  # every registered preset's token grid and a non-square grid
 
 
 def make_qk(seed, grid, heads=4, dim=16, has_cls=True):
@@ -48,7 +49,7 @@ def as_list(indices):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("grid", GRIDS, ids=grid_id)
 @pytest.mark.parametrize("scores", ["probs", "logits"])
 def test_fopru_rank_matches_reference(seed, grid, scores):
     q, k, scale = make_qk(seed, grid)
@@ -62,7 +63,7 @@ def test_fopru_rank_matches_reference(seed, grid, scores):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("grid", GRIDS, ids=grid_id)
 def test_fopru_row_matches_reference(seed, grid):
     q, k, scale = make_qk(seed, grid)
     n = grid[0] * grid[1]
@@ -73,14 +74,15 @@ def test_fopru_row_matches_reference(seed, grid):
     assert len(got) % grid[1] == 0 and len(got) == module.k
 
 
-def test_fopru_functional_api_matches_module():
-    grid = (24, 24)
+@pytest.mark.parametrize("grid", PRESET_GRIDS, ids=grid_id)
+def test_fopru_functional_api_matches_module(grid):
     q, k, scale = make_qk(5, grid)
     attn = torch.from_numpy(explicit_attention(q, k, scale)).float().unsqueeze(0)
-    module = METHODS["fopru"].build(144, grid, True)
-    assert fopru_select(attn, 144).tolist() == module.select(TensorContext(q=q, k=k, scale=scale)).tolist()
-    rows = fopru_select(attn, 144, strategy="row", grid=grid)
-    assert rows.shape == (1, 144)
+    budget = grid[0] // 4 * grid[1]  # a whole number of rows, so the row strategy keeps exactly this many
+    module = METHODS["fopru"].build(budget, grid, True)
+    assert fopru_select(attn, budget).tolist() == module.select(TensorContext(q=q, k=k, scale=scale)).tolist()
+    rows = fopru_select(attn, budget, strategy="row", grid=grid)
+    assert rows.shape == (1, budget)
 
 
 def test_fopru_without_cls():
@@ -101,7 +103,7 @@ def clustered_features(seed, n, dim=32, clusters=12):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("grid", GRIDS, ids=grid_id)
 def test_gprune_matches_reference(seed, grid):
     n = grid[0] * grid[1]
     x = clustered_features(seed, n)
@@ -122,7 +124,7 @@ def gridprune_inputs(seed, grid, dim=24):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("grid", GRIDS, ids=grid_id)
 @pytest.mark.parametrize("tau", [1.0, 0.02])  # 0.02 concentrates the budget so zones overflow
 def test_gridprune_matches_reference(seed, grid, tau):
     joint, text, q, k, scale = gridprune_inputs(seed, grid)
@@ -165,8 +167,10 @@ def test_none_keeps_everything_in_order():
     assert torch.equal(tokens, x)
 
 
-def test_module_gathers_tokens_at_the_kept_indices():
-    q, k, scale = make_qk(0, (24, 24))
-    x = torch.randn(1, 576, 8)
-    indices, tokens = METHODS["fopru"].build(144, (24, 24), True)(TensorContext(q=q, k=k, scale=scale, patches_=x))
+@pytest.mark.parametrize("grid", PRESET_GRIDS, ids=grid_id)
+def test_module_gathers_tokens_at_the_kept_indices(grid):
+    q, k, scale = make_qk(0, grid)
+    n = grid[0] * grid[1]
+    x = torch.randn(1, n, 8)
+    indices, tokens = METHODS["fopru"].build(n // 4, grid, True)(TensorContext(q=q, k=k, scale=scale, patches_=x))
     assert torch.equal(tokens, x[:, indices[0]])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import prune_reference as ref
+from preset_geometry import PRESET_GRIDS, grid_id, spec_k
 from vlmprune.errors import VlmpruneError
 from vlmprune.prune import METHODS, TensorContext, budget_from_ratio, get_method
 from vlmprune.prune.gridprune import gridprune_from_scores, gridprune_scores, zone_budgets, zone_ids
@@ -65,9 +66,8 @@ def inject(x, seed):
     return y.reshape(x.shape)
 
 
-def nonfinite_context(seed):
+def nonfinite_context(seed, n):
     g = torch.Generator().manual_seed(seed)
-    n = 576
     return TensorContext(
         q=inject(torch.randn(1, 4, n + 1, 16, generator=g), seed),
         k=inject(torch.randn(1, 4, n + 1, 16, generator=g), seed + 1),
@@ -78,15 +78,17 @@ def nonfinite_context(seed):
     )
 
 
+@pytest.mark.parametrize("grid", PRESET_GRIDS, ids=grid_id)
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_nonfinite_inputs_still_give_k_distinct_valid_indices(name):
+def test_nonfinite_inputs_still_give_k_distinct_valid_indices(name, grid):
     spec = METHODS[name]
-    module = spec.build(spec.resolve_k(576, (24, 24), keep=0.25), (24, 24), True)
-    first = module.select(nonfinite_context(7))
-    again = module.select(nonfinite_context(7))
+    n = grid[0] * grid[1]
+    module = spec.build(spec.resolve_k(n, grid, keep=0.25), grid, True)
+    first = module.select(nonfinite_context(7, n))
+    again = module.select(nonfinite_context(7, n))
     got = first[0].tolist()
     assert len(got) == module.k == len(set(got))
-    assert all(0 <= i < 576 for i in got)
+    assert all(0 <= i < n for i in got)
     assert got == sorted(got)
     assert torch.equal(first, again)
 
@@ -96,7 +98,7 @@ def test_all_nan_attention_keeps_the_first_tokens():
     assert METHODS["fopru"].build(5, (8, 8)).select(ctx)[0].tolist() == [0, 1, 2, 3, 4]
 
 
-GRID_CASES = [((24, 24), 4), ((10, 14), 4), ((7, 9), 3), ((12, 20), 4), ((5, 5), 5)]
+GRID_CASES = [*((grid, 4) for grid in PRESET_GRIDS), ((10, 14), 4), ((7, 9), 3), ((12, 20), 4), ((5, 5), 5)]
 
 
 @pytest.mark.parametrize("grid,zones", GRID_CASES)
@@ -148,33 +150,38 @@ def test_registry_lists_every_method_of_the_spec():
     assert METHODS["gridprune"].defaults() == {"zones": 4, "alpha": 0.5, "tau": 1.0}
 
 
+@pytest.mark.parametrize("grid", PRESET_GRIDS, ids=grid_id)
 @pytest.mark.parametrize(
-    "name,keep,tokens,options,expected",
+    "name,keep,tokens,options,expected",  # expected(N, h, w), the rules of specs/methods.md
     [
-        ("fopru", 0.25, None, {}, 144),
-        ("fopru", 0.111, None, {}, 64),
-        ("fopru", None, 100, {}, 100),
-        ("fopru", 0.25, None, {"strategy": "row"}, 144),
-        ("fopru", 0.111, None, {"strategy": "row"}, 72),
-        ("gridprune", 0.5, None, {}, 288),
-        ("pool", 0.5, None, {}, 144),
-        ("none", 0.25, None, {}, 576),
-        ("gprune", 0.001, None, {}, 1),
+        ("fopru", 0.25, None, {}, lambda n, h, w: spec_k(0.25, n)),
+        ("fopru", 0.111, None, {}, lambda n, h, w: spec_k(0.111, n)),
+        ("fopru", None, 100, {}, lambda n, h, w: 100),
+        ("fopru", 0.25, None, {"strategy": "row"}, lambda n, h, w: spec_k(0.25, h) * w),  # whole rows
+        ("fopru", 0.111, None, {"strategy": "row"}, lambda n, h, w: spec_k(0.111, h) * w),
+        ("gridprune", 0.5, None, {}, lambda n, h, w: spec_k(0.5, n)),
+        ("pool", 0.5, None, {}, lambda n, h, w: n // 4),  # 2x2 windows, whatever the ratio
+        ("none", 0.25, None, {}, lambda n, h, w: n),
+        ("gprune", 0.001, None, {}, lambda n, h, w: 1),  # never fewer than one token
     ],
 )
-def test_resolve_k(name, keep, tokens, options, expected):
-    assert METHODS[name].resolve_k(576, (24, 24), keep=keep, tokens=tokens, options=options) == expected
+def test_resolve_k(name, keep, tokens, options, expected, grid):
+    n = grid[0] * grid[1]
+    assert METHODS[name].resolve_k(n, grid, keep=keep, tokens=tokens, options=options) == expected(n, *grid)
 
 
 @pytest.mark.parametrize("keep", [0, -0.1, 1.5, math.nan])
 def test_keep_outside_unit_interval_is_an_error(keep):
+    grid = PRESET_GRIDS[0]
     with pytest.raises(VlmpruneError, match=r"outside \(0, 1\]"):
-        METHODS["fopru"].resolve_k(576, (24, 24), keep=keep)
+        METHODS["fopru"].resolve_k(grid[0] * grid[1], grid, keep=keep)
 
 
-def test_k_larger_than_n_is_an_error():
-    with pytest.raises(VlmpruneError, match="K=600 tokens is outside 1..N=576"):
-        METHODS["gprune"].resolve_k(576, (24, 24), tokens=600)
+@pytest.mark.parametrize("grid", PRESET_GRIDS, ids=grid_id)
+def test_k_larger_than_n_is_an_error(grid):
+    n = grid[0] * grid[1]
+    with pytest.raises(VlmpruneError, match=f"K={n + 24} tokens is outside 1..N={n} for this model"):
+        METHODS["gprune"].resolve_k(n, grid, tokens=n + 24)
 
 
 def test_unknown_method_and_option_are_errors():
@@ -189,4 +196,5 @@ def test_unknown_method_and_option_are_errors():
 
 def test_budget_from_ratio_rounds_half_up():
     assert budget_from_ratio(0.5, 5) == 3
-    assert budget_from_ratio(1.0, 576) == 576
+    for grid in PRESET_GRIDS:
+        assert budget_from_ratio(1.0, grid[0] * grid[1]) == grid[0] * grid[1]

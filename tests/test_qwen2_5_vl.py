@@ -194,7 +194,8 @@ def test_gridprune_follows_the_spec(qwen):
     image = make_sample_image(640, 480)
     pv = torch.from_numpy(QwenPreprocessor(qwen.preprocessing.to_dict())(image))
     cp = torch.from_numpy(clip_view(image, qwen.clip_constants()))
-    assert cp.shape == (1, 3, 336, 336)
+    side = qwen.clip.model.config.vision_config.image_size  # the auxiliary CLIP's own input size
+    assert cp.shape == (1, 3, side, side)
     clip = qwen.clip.model
     t = clip.get_text_features(input_ids=qwen.clip.tokenizer(PROMPT, return_tensors="pt")["input_ids"])
     t = (t if isinstance(t, torch.Tensor) else t.pooler_output)
@@ -553,7 +554,7 @@ def test_published_checkpoint_layout_loads_and_matches_generate(tmp_path):
     assert ours.token_ids == out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def test_prune_run_cli_on_the_bundle(qwen_bundle, capsys):
+def test_prune_run_cli_on_the_bundle(qwen, qwen_bundle, capsys):
     """prune-run on the bundle: the manifest's family and M-RoPE decoder, the method's positions, one answer line
     and the timing line."""
     import json
@@ -564,7 +565,8 @@ def test_prune_run_cli_on_the_bundle(qwen_bundle, capsys):
 
     m = json.loads((qwen_bundle / "manifest.json").read_text())
     assert m["model"]["family"]["model_type"] == "qwen2_5_vl" and m["preprocessing"]["kind"] == "qwen2_vl"
-    assert m["auxiliary_clip"]["size"] == 336 and m["prompt"]["positions"] == "original"
+    assert m["auxiliary_clip"]["size"] == qwen.clip.model.config.vision_config.image_size
+    assert m["prompt"]["positions"] == "original"
     assert next(i["shape"] for i in m["decoder"]["inputs"] if i["name"] == "position_ids")[0] == 3
     assert [b["name"] for b in m["vision"]["buckets"]] == ["none-448x448-k256", "gridprune-448x448-k64"]
     pipe = open_pipeline(qwen_bundle)

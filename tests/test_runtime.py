@@ -17,9 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
+from preset_geometry import spec_k
 from vlmprune.errors import VlmpruneError
 from vlmprune.export.exporter import ExportRequest, export_bundle
 from vlmprune.export.progress import Steps
+from vlmprune.models import PRESETS
+from vlmprune.prune import METHODS
+from vlmprune.runtime import viz
 from vlmprune.runtime.cli import run_main, viz_main
 from vlmprune.runtime.pipeline import Pipeline
 from vlmprune.runtime.preprocess import load_image, to_rgb
@@ -63,7 +67,8 @@ def test_runtime_needs_neither_torch_nor_transformers(bundle, tmp_path):
 
 # --- preprocessing -----------------------------------------------------------------------------------------------
 
-SIZES = [(336, 336), (500, 375), (375, 500), (100, 80), (1000, 200), (337, 901)]
+S = PRESETS[ExportRequest.model].image_size  # the bundle's preset: the image side its processor crops to
+SIZES = [(S, S), (500, 375), (375, 500), (100, 80), (1000, 200), (S + 1, 901)]
 
 
 def _image(mode, size, seed=0):
@@ -90,7 +95,7 @@ def test_preprocessing_matches_transformers(tiny, pipe, size, mode):
     image = _image(mode, size)
     ours = pipe.preprocess(image)
     theirs = tiny.processor.image_processor(image, return_tensors="np")["pixel_values"]
-    assert ours.shape == theirs.shape == (1, 3, 336, 336)
+    assert ours.shape == theirs.shape == (1, 3, *tiny.vision.views[0].image_size)
     assert np.max(np.abs(ours - theirs)) <= 1e-5  # the stated tolerance: float32 rounding only
 
 
@@ -175,7 +180,8 @@ def test_unpruned_greedy_output_equals_transformers_generate(tiny, bundle):
     pipe = Pipeline(bundle)
     image = make_sample_image()
     ours = pipe.generate(image, PROMPT, keep=1.0, max_new_tokens=40)
-    assert ours.bucket == "none-k576" and ours.visual_tokens_kept == 576
+    n = tiny.vision.views[0].num_patches
+    assert ours.bucket == f"none-k{n}" and ours.visual_tokens_kept == n
     rendered = pipe.prompt.render(PROMPT)
     inputs = tiny.processor(images=image, text=rendered, return_tensors="pt")
     out = tiny.model.generate(**inputs, max_new_tokens=40, do_sample=False)
@@ -191,11 +197,12 @@ def test_pruned_greedy_output_equals_generate_fed_the_same_kept_features(tiny, b
     pipe = Pipeline(bundle, positions=positions)
     image = make_sample_image()
     ours = pipe.generate(image, PROMPT, keep=0.25, max_new_tokens=40)
-    assert ours.visual_tokens_kept == 144
     from vlmprune.export.graphs import BucketVisionGraph
-    from vlmprune.prune import METHODS
 
-    graph = BucketVisionGraph(tiny, METHODS["fopru"].build(144, (24, 24), True)).eval()
+    view = tiny.vision.views[0]
+    k = spec_k(0.25, view.num_patches)
+    assert ours.visual_tokens_kept == k
+    graph = BucketVisionGraph(tiny, METHODS["fopru"].build(k, view.grid, True)).eval()
     with torch.no_grad():
         feats, kept = graph(torch.from_numpy(pipe.preprocess(image)))
     assert kept[0].tolist() == ours.kept_indices
@@ -206,7 +213,7 @@ def test_pruned_greedy_output_equals_generate_fed_the_same_kept_features(tiny, b
     kwargs = {}
     if positions == "original":
         n_after = len(ids) - where - 1
-        pos = torch.cat([torch.arange(where), where + kept[0], where + 576 + torch.arange(n_after)])
+        pos = torch.cat([torch.arange(where), where + kept[0], where + view.num_patches + torch.arange(n_after)])
         kwargs = _original_positions_kwargs(pos)
     theirs = _greedy_with_transformers(tiny, embeds, 40, **kwargs)
     assert len(theirs) >= 32
@@ -268,9 +275,10 @@ def test_streaming_concatenates_to_the_text(pipe):
     assert t.ttft_ms >= t.prefill_ms > 0 and t.vision_ms > 0 and t.tpot_ms > 0
 
 
-def test_prompt_overflowing_the_context_says_the_numbers(pipe):
-    with pytest.raises(VlmpruneError, match=r"the prompt is \d+ tokens \(\d+ text \+ 576 image\), which fills the "
-                                            r"model's context of 1024"):
+def test_prompt_overflowing_the_context_says_the_numbers(tiny, pipe):
+    n = tiny.vision.views[0].num_patches
+    with pytest.raises(VlmpruneError, match=rf"the prompt is \d+ tokens \(\d+ text \+ {n} image\), which fills the "
+                                            rf"model's context of {tiny.text.max_context}"):
         pipe.generate(make_sample_image(), "sky " * 600, keep=1.0)
 
 
@@ -308,15 +316,17 @@ def test_cli_bad_image_and_keep(bundle, tmp_path, capsys):
     assert "outside (0, 1]" in capsys.readouterr().err
 
 
-def test_cli_run_picks_the_bucket_and_prints_timings(bundle, capsys):
+def test_cli_run_picks_the_bucket_and_prints_timings(tiny, bundle, capsys):
+    n = tiny.vision.views[0].num_patches
+    k = spec_k(0.25, n)
     assert run_main.run([str(bundle), "--image", "sample", "--prompt", PROMPT, "--keep", "0.2",
                          "--max-new-tokens", "5"]) == 0
     captured = capsys.readouterr()
-    assert "no bucket for keep 0.2; using the next larger, fopru-k144" in captured.err
-    assert "TTFT" in captured.out and "TPOT" in captured.out and "144/576 visual tokens" in captured.out
+    assert f"no bucket for keep 0.2; using the next larger, fopru-k{k}" in captured.err
+    assert "TTFT" in captured.out and "TPOT" in captured.out and f"{k}/{n} visual tokens" in captured.out
     assert run_main.run([str(bundle), "--image", "sample", "--prompt", PROMPT, "--json", "--max-new-tokens", "3"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["visual_tokens_kept"] == 144 and result["tokens_generated"] <= 3
+    assert result["visual_tokens_kept"] == k and result["tokens_generated"] <= 3
     assert set(result["timings"]) >= {"preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "tpot_ms"}
 
 
@@ -324,6 +334,6 @@ def test_viz_writes_one_panel_per_bucket(bundle, tmp_path):
     out = tmp_path / "viz.png"
     assert viz_main.run([str(bundle), str(bundle), "--image", "sample", "--keep", "0.25", "1.0", "-o", str(out)]) == 0
     img = Image.open(out)
-    assert img.size[0] > 2 * 336 and img.size[1] > 2 * 336  # 2 rows x 2 panels
+    assert img.size[0] > 2 * viz.PANEL and img.size[1] > 2 * viz.PANEL  # 2 rows x 2 panels
     arr = np.asarray(img.convert("RGB"))
     assert (arr == [255, 210, 0]).all(-1).sum() > 1000  # kept-patch outlines drawn

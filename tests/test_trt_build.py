@@ -8,12 +8,16 @@ import shutil
 
 import pytest
 
+from preset_geometry import preset_tokens, spec_k
 from vlmprune.errors import VlmpruneError
 from vlmprune.export.exporter import ExportRequest, export_bundle
 from vlmprune.export.progress import Steps
 from vlmprune.export.targets import TARGETS
 from vlmprune.export.trt_build import main as build_main, pinned_layers, plan_jobs, trtexec_command
 from vlmprune.runtime.trt_backend import check_engine_compat
+
+N, _ = preset_tokens(ExportRequest.model)  # the bundles' preset (prune-export's default model)
+K = spec_k(0.25, N)  # the --keep 0.25 buckets
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +43,13 @@ def test_pinned_layers_cover_the_pruning_subgraph_and_layernorms(bundles):
     assert any(p.startswith("/method/") for p in pins)
     assert any("TopK" in p for p in pins)
     assert sum("LayerNormalization" in p for p in pins) >= 7  # pre-norm + 2 per layer run
-    none_pins = pinned_layers(b.path / "vision_none_k576.onnx")
+    none_pins = pinned_layers(b.path / f"vision_none_k{N}.onnx")
     assert not any("TopK" in p for p in none_pins)  # the unpruned graph has no selection to protect
 
 
 def test_fp16_on_weakly_typed_targets(bundles):
     cmds = commands(bundles["trt10"], "trt10", "fp16")
-    cmd = cmds["gridprune-k144"]
+    cmd = cmds[f"gridprune-k{K}"]
     assert cmd[0] == "trtexec" and "--fp16" in cmd and "--skipInference" in cmd
     assert "--memPoolSize=workspace:1024" in cmd and "--precisionConstraints=obey" in cmd
     pins = next(a for a in cmd if a.startswith("--layerPrecisions="))
@@ -57,20 +61,20 @@ def test_fp16_on_weakly_typed_targets(bundles):
 
 def test_trt85_uses_build_only_and_the_calibration_cache(bundles):
     cmds = commands(bundles["trt8.5"], "trt8.5", "int8")
-    cmd = cmds["fopru-k144"]
+    cmd = cmds[f"fopru-k{K}"]
     assert "--buildOnly" in cmd and "--skipInference" not in cmd
-    assert "--int8" in cmd and any(a.endswith("calib/fopru-k144.cache") for a in cmd if a.startswith("--calib="))
+    assert "--int8" in cmd and any(a.endswith(f"calib/fopru-k{K}.cache") for a in cmd if a.startswith("--calib="))
 
 
 def test_fp32_disables_tf32_and_pins_nothing(bundles):
-    cmd = commands(bundles["trt10"], "trt10", "fp32")["gridprune-k144"]
+    cmd = commands(bundles["trt10"], "trt10", "fp32")[f"gridprune-k{K}"]
     assert "--noTF32" in cmd and not any(a.startswith("--layerPrecisions") for a in cmd) and "--fp16" not in cmd
 
 
 def test_trt11_is_strongly_typed_only(bundles):
     cmds = commands(bundles["trt10"], "trt11", "int8")
-    assert "--stronglyTyped" in cmds["gridprune-k144"] and "--int8" not in cmds["gridprune-k144"]
-    assert cmds["gridprune-k144"][1].endswith("qdq/vision_gridprune_k144.qdq.onnx")
+    cmd = cmds[f"gridprune-k{K}"]
+    assert "--stronglyTyped" in cmd and "--int8" not in cmd and cmd[1].endswith(f"qdq/vision_gridprune_k{K}.qdq.onnx")
     with pytest.raises(VlmpruneError, match="trt11 has no weakly typed --fp16.*--precision fp16"):
         commands(bundles["trt10"], "trt11", "fp16")
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from preset_geometry import PRESET_GRIDS, grid_id, preset_tokens, spec_k
 from vlmprune.export.exporter import ExportRequest, export_bundle
 from vlmprune.export.progress import Steps
 from vlmprune.runtime import viz
@@ -15,6 +16,7 @@ from vlmprune.runtime.pipeline import Pipeline
 from vlmprune.sample import make_sample_image
 
 YELLOW = np.array(viz.BOX)
+BUNDLE_TOKENS = preset_tokens(ExportRequest.model)  # (N, grid) of the bundles' preset (prune-export's default)
 
 
 def _dim(a):
@@ -25,20 +27,33 @@ def _view():
     return make_sample_image(viz.PANEL, viz.PANEL)
 
 
-def test_cells_and_boxes_match_the_kept_indices_exactly_on_24x24():
-    """Independent geometry: 336 px / 24 = 14 px per patch. Every pixel of a kept patch is either its box (on the
-    patch's border) or the original pixel; every pixel of a dropped patch is dimmed."""
+def _divides_the_panel(grid):
+    return viz.PANEL % grid[0] == 0 and viz.PANEL % grid[1] == 0
+
+
+# the registered presets' token grids: those that divide the panel into whole-pixel cells, and the others
+EVEN_GRIDS = [g for g in PRESET_GRIDS if _divides_the_panel(g)]
+UNEVEN_GRIDS = [g for g in PRESET_GRIDS if not _divides_the_panel(g)]
+
+
+@pytest.mark.parametrize("grid", EVEN_GRIDS, ids=grid_id)
+def test_cells_and_boxes_match_the_kept_indices_exactly_on_the_preset_grids(grid):
+    """Independent geometry: a grid that divides the panel has cells of PANEL / side pixels. Every pixel of a kept
+    patch is either its box (on the patch's border) or the original pixel; every pixel of a dropped patch is
+    dimmed."""
+    h, w = grid
+    ch, cw = viz.PANEL // h, viz.PANEL // w
     rng = np.random.default_rng(0)
-    kept = sorted(rng.choice(576, 144, replace=False).tolist())
+    kept = sorted(rng.choice(h * w, h * w // 4, replace=False).tolist())
     view = _view()
-    panel = np.asarray(viz.overlay(view, kept, (24, 24), "t"))[viz.PANEL_HEADER_H:]
+    panel = np.asarray(viz.overlay(view, kept, grid, "t"))[viz.PANEL_HEADER_H:]
     src = np.asarray(view)
-    for i in range(576):
-        r, c = divmod(i, 24)
-        got = panel[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14].astype(int)
-        ref = src[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14]
+    for i in range(h * w):
+        r, c = divmod(i, w)
+        got = panel[r * ch:(r + 1) * ch, c * cw:(c + 1) * cw].astype(int)
+        ref = src[r * ch:(r + 1) * ch, c * cw:(c + 1) * cw]
         if i in kept:
-            border = np.ones((14, 14), bool)
+            border = np.ones((ch, cw), bool)
             border[1:-1, 1:-1] = False
             assert (got[border] == YELLOW).all(), f"patch {i}: box missing"
             assert (got[1:-1, 1:-1] == ref[1:-1, 1:-1]).all(), f"patch {i}: kept patch not bright"
@@ -46,7 +61,7 @@ def test_cells_and_boxes_match_the_kept_indices_exactly_on_24x24():
             assert (got == _dim(ref)).all(), f"patch {i}: dropped patch not dimmed (or a box drawn on it)"
 
 
-@pytest.mark.parametrize("grid", [(7, 5), (23, 25)])
+@pytest.mark.parametrize("grid", [(7, 5), (23, 25), *UNEVEN_GRIDS], ids=grid_id)
 def test_fills_and_boxes_share_one_geometry_on_grids_that_do_not_divide_the_panel(grid):
     h, w = grid
     kept = list(range(0, h * w, 3))
@@ -67,13 +82,17 @@ def test_fills_and_boxes_share_one_geometry_on_grids_that_do_not_divide_the_pane
             assert (got == _dim(ref)).all(), i
 
 
-def test_pool_is_drawn_as_pooling_nothing_dimmed_one_box_per_window():
+@pytest.mark.parametrize("grid", [g for g in EVEN_GRIDS if g[0] % 2 == 0 and g[1] % 2 == 0], ids=grid_id)
+def test_pool_is_drawn_as_pooling_nothing_dimmed_one_box_per_window(grid):
     view = _view()
-    panel = np.asarray(viz.overlay(view, [], (24, 24), "pool", pool=2))[viz.PANEL_HEADER_H:].astype(int)
+    panel = np.asarray(viz.overlay(view, [], grid, "pool", pool=2))[viz.PANEL_HEADER_H:].astype(int)
     src = np.asarray(view).astype(int)
-    lines = np.zeros((336, 336), bool)
-    for e in range(0, 336, 28):  # each 2x2 window of 14 px patches is one 28 px box
-        lines[e, :] = lines[e + 27, :] = lines[:, e] = lines[:, e + 27] = True
+    lines = np.zeros((viz.PANEL, viz.PANEL), bool)
+    box_h, box_w = 2 * viz.PANEL // grid[0], 2 * viz.PANEL // grid[1]  # each 2x2 window of patches is one box
+    for e in range(0, viz.PANEL, box_h):
+        lines[e, :] = lines[e + box_h - 1, :] = True
+    for e in range(0, viz.PANEL, box_w):
+        lines[:, e] = lines[:, e + box_w - 1] = True
     assert (panel[lines] == YELLOW).all()
     assert (panel[~lines] == src[~lines]).all()  # every patch at full brightness: pool drops none
 
@@ -99,16 +118,18 @@ def test_prune_viz_picture_read_back_per_patch_equals_the_kept_indices(bundles, 
     kept = set(kept[0].tolist())
     view = np.asarray(viz.model_view(image, pipe.preprocess))
     x0, y0 = viz.image_origin(0, 0)
-    cells = sheet[y0:y0 + 336, x0:x0 + 336]
+    cells = sheet[y0:y0 + viz.PANEL, x0:x0 + viz.PANEL]
+    n, (h, w) = BUNDLE_TOKENS
+    ch, cw = viz.PANEL // h, viz.PANEL // w
     bright = set()
-    for i in range(576):
-        r, c = divmod(i, 24)
-        y, x = r * 14 + 7, c * 14 + 7
-        if (cells[y, x] == view[y, x]).all() and (cells[r * 14, c * 14] == YELLOW).all():
+    for i in range(n):
+        r, c = divmod(i, w)
+        y, x = r * ch + ch // 2, c * cw + cw // 2
+        if (cells[y, x] == view[y, x]).all() and (cells[r * ch, c * cw] == YELLOW).all():
             bright.add(i)
         else:
             assert (cells[y, x] == _dim(view[y, x])).all(), f"patch {i} is neither kept-looking nor dimmed"
-    assert bright == kept and len(kept) == 144
+    assert bright == kept and len(kept) == spec_k(0.25, n)
 
 
 def test_pool_bundle_has_no_dimmed_patch(bundles, tmp_path):
@@ -118,8 +139,10 @@ def test_pool_bundle_has_no_dimmed_patch(bundles, tmp_path):
     pipe = Pipeline(bundles["pool"])
     view = np.asarray(viz.model_view(make_sample_image(), pipe.preprocess)).astype(int)
     x0, y0 = viz.image_origin(0, 0)
-    cells = sheet[y0:y0 + 336, x0:x0 + 336]
-    centres = (slice(7, 336, 14), slice(7, 336, 14))
+    cells = sheet[y0:y0 + viz.PANEL, x0:x0 + viz.PANEL]
+    _, (h, w) = BUNDLE_TOKENS
+    ch, cw = viz.PANEL // h, viz.PANEL // w
+    centres = (slice(ch // 2, viz.PANEL, ch), slice(cw // 2, viz.PANEL, cw))
     assert (cells[centres] == view[centres]).all()
 
 
@@ -131,4 +154,5 @@ def test_none_only_bundle_is_one_line_and_keep_without_bucket_is_announced(bundl
     assert not out.exists()
     assert viz_main.run([str(bundles["none"]), "--image", "sample", "--keep", "1.0", "-o", str(out)]) == 0
     assert viz_main.run([str(bundles["fopru"]), "--image", "sample", "--keep", "0.2", "-o", str(out)]) == 0
-    assert "no bucket for keep 0.2; using the next larger, fopru-k144" in capsys.readouterr().err
+    k = spec_k(0.25, BUNDLE_TOKENS[0])
+    assert f"no bucket for keep 0.2; using the next larger, fopru-k{k}" in capsys.readouterr().err
