@@ -74,6 +74,36 @@ def _text_embeds(bundle, manifest: dict, count: int) -> list[np.ndarray]:
     return [embeds[i % len(embeds)] for i in range(count)]
 
 
+def _parts(bucket: dict) -> list[tuple[str, str, str | None]]:
+    """(embeddings, kept indices, count or None) output names of each kept sequence of the bucket's graph: one for
+    single-view graphs, the base view and the raster for anyres ones."""
+    outs, where = bucket["outputs"], f"bucket {bucket['name']} outputs"
+    if graph_io.has(outs, "image_embeds"):
+        return [(graph_io.name_of(outs, "image_embeds", where), graph_io.name_of(outs, "kept_indices", where), None)]
+    return [(graph_io.name_of(outs, "base_embeds", where), graph_io.name_of(outs, "base_indices", where), None),
+            (graph_io.name_of(outs, "raster_embeds", where), graph_io.name_of(outs, "raster_indices", where),
+             graph_io.name_of(outs, "raster_count", where))]
+
+
+def _anyres_inputs(manifest: dict):
+    """``(bucket, [image]) -> {kind: array}``: the image tiled onto the bucket's layout, as the runtime tiles it."""
+    from vlmprune.runtime.anyres import layouts_for
+
+    from .data import anyres_pixels
+
+    pre = manifest["preprocessing"]
+    side = manifest["vision"]["view"]["grid"][0]
+    layouts = {lay.name: lay for lay in layouts_for(pre["grid_pinpoints"], int(pre["crop_size"][0]), side)}
+
+    def inputs(bucket, images):
+        if bucket.get("layout") not in layouts:
+            raise VlmpruneError(f"bucket {bucket['name']} names layout {bucket.get('layout')!r}, which the "
+                                "manifest's grid_pinpoints do not give", "re-export the bundle")
+        return anyres_pixels(pre, side, images[0], layouts[bucket["layout"]])
+
+    return inputs
+
+
 def _check_graph_io(path: Path, bucket: dict) -> None:
     """The bucket's graph has the inputs and outputs its manifest entry lists (read from the graph, not its weights)."""
     from types import SimpleNamespace
@@ -150,13 +180,16 @@ def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quant
              "representative photos are typical")
     calib_dir = tmp / "calib"
     calib_dir.mkdir()
-    np.save(calib_dir / "pixel_values.npy", calib_px)  # the batches, for trtexec --loadInputs or a later cache build
+    anyres = isinstance(pixels, list)  # images, tiled per bucket onto its layout (calibrate/data.py)
+    if not anyres:  # the batches, for trtexec --loadInputs or a later cache build
+        np.save(calib_dir / "pixel_values.npy", calib_px)
     text_all = _text_embeds(bundle, manifest, len(pixels)) if manifest.get("text_encoder") else None
+    image_inputs = _anyres_inputs(manifest) if anyres else (lambda bucket, px: {"pixel_values": px})
 
     def feeds_for(bucket, px, offset):
         needs_text = graph_io.has(bucket["inputs"], "text_embeds")
         where = f"bucket {bucket['name']}"
-        return [graph_io.feeds(bucket["inputs"], {"pixel_values": px[i : i + 1],
+        return [graph_io.feeds(bucket["inputs"], {**image_inputs(bucket, px[i : i + 1]),
                                                   **({"text_embeds": text_all[offset + i]} if needs_text else {})},
                                where) for i in range(len(px))]
 
@@ -175,9 +208,8 @@ def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quant
         rel = "qdq/" + bucket["file"].replace(".onnx", ".qdq.onnx")
         calib_feeds = feeds_for(bucket, calib_px, 0)
         tool = quantize(src, tmp / rel, calib_feeds, args.algo, float_scopes=scopes, pinned=pinned)
-        outputs = [graph_io.name_of(bucket["outputs"], kind, f"bucket {bucket['name']} outputs")
-                   for kind in ("image_embeds", "kept_indices")]
-        report[bucket["name"]] = accuracy(src, tmp / rel, feeds_for(bucket, eval_px, len(calib_px)), outputs)
+        report[bucket["name"]] = accuracy(src, tmp / rel, feeds_for(bucket, eval_px, len(calib_px)),
+                                          _parts(bucket))
         qdq[bucket["name"]] = rel
         if tensorrt_available():  # pragma: no cover - needs TensorRT
             write_cache(src, calib_dir / f"{bucket['name']}.cache", calib_feeds, args.algo)

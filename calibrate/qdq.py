@@ -50,7 +50,10 @@ def quantize(onnx_path: Path, out_path: Path, feeds: list[dict[str, np.ndarray]]
         raise VlmpruneError(f"unknown calibration algorithm {algo!r}", f"choose one of {', '.join(ALGOS)}")
     exclude = excluded_nodes(onnx_path, float_scopes, pinned)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if modelopt_available():  # pragma: no cover - not installable on this project's CPU machines
+    # ModelOpt takes the calibration data as one batch-concatenated array per input, which needs a batch axis; the
+    # anyres graphs' leading axis is their views (and valid_mask has none), so those take ONNX Runtime's quantiser.
+    batched = all(np.ndim(v) and np.shape(v)[0] == 1 for v in feeds[0].values())
+    if batched and modelopt_available():  # pragma: no cover - not installable on this project's CPU machines
         if algo == "percentile":
             raise VlmpruneError("ModelOpt INT8 calibrates with entropy or max", "use --algo entropy or minmax")
         from modelopt.onnx.quantization import quantize as mo_quantize
@@ -107,25 +110,38 @@ def _without_log(pattern: re.Pattern):
 
 
 def accuracy(fp32_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarray]],
-             outputs: list[str] | None = None) -> dict:
-    """The Q/DQ graph against fp32 in ONNX Runtime: embedding error and kept-index overlap. ``outputs``: the names
-    of the embeddings and the kept indices (the manifest's; default: the graph's first two outputs)."""
+             parts: list[tuple[str, str, str | None]]) -> dict:
+    """The Q/DQ graph against fp32 in ONNX Runtime: embedding error and kept-index overlap over every kept sequence
+    ``parts`` names, as (embeddings, kept indices, valid count or None) output names (anyres graphs keep two: the
+    base view and the raster, whose first ``count`` slots are real)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     ref = ort.InferenceSession(str(fp32_path), opts, providers=["CPUExecutionProvider"])
     q = ort.InferenceSession(str(qdq_path), opts, providers=["CPUExecutionProvider"])
+    names = [n for part in parts for n in part if n]
     rel, cos, overlap = [], [], []
     for feed in feeds:
-        e_ref, i_ref = ref.run(outputs, feed)[:2]
-        e_q, i_q = q.run(outputs, feed)[:2]
-        common = sorted(set(i_ref[0].tolist()) & set(i_q[0].tolist()))
-        overlap.append(len(common) / i_ref.shape[1])
-        a = e_ref[0][[i_ref[0].tolist().index(i) for i in common]]
-        b = e_q[0][[i_q[0].tolist().index(i) for i in common]]
-        rel.append(float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)))
-        cos.append(float(np.mean(np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12))))
+        r = dict(zip(names, ref.run(names, feed)))
+        o = dict(zip(names, q.run(names, feed)))
+        for embeds, indices, count in parts:
+            n_ref = int(r[count].reshape(-1)[0]) if count else r[indices].shape[1]
+            n_q = int(o[count].reshape(-1)[0]) if count else o[indices].shape[1]
+            i_ref, i_q = r[indices][0][:n_ref].tolist(), o[indices][0][:n_q].tolist()
+            if not i_ref:
+                continue
+            common = sorted(set(i_ref) & set(i_q))
+            overlap.append(len(common) / len(i_ref))
+            if not common:
+                rel.append(1.0)
+                cos.append(0.0)
+                continue
+            a = r[embeds][0][[i_ref.index(i) for i in common]]
+            b = o[embeds][0][[i_q.index(i) for i in common]]
+            rel.append(float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)))
+            cos.append(float(np.mean(np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1)
+                                                                    * np.linalg.norm(b, axis=-1), 1e-12))))
     return {
         "images": len(feeds),
         "kept_index_overlap_mean": float(np.mean(overlap)),

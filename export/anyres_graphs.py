@@ -141,6 +141,19 @@ def to_crops(x: Tensor, layout: Layout) -> Tensor:
     return x.reshape(r, s, c, s).transpose(1, 2).reshape(r * c, s * s)
 
 
+class _Selection(nn.Module):
+    """The pruning part of an anyres graph, a submodule named ``method`` so that its ONNX nodes are scoped
+    ``/method/`` as in the single-view graphs: the family's fp32 scopes pin them in fp16 engines (prune-build) and
+    keep them out of INT8 (prune-calibrate)."""
+
+    def __init__(self, graph: "AnyresVisionGraph"):
+        super().__init__()
+        self.__dict__["graph"] = graph  # a plain reference, not a submodule: no cycle in the module tree
+
+    def forward(self, hidden: Tensor, patches: Tensor, valid_mask: Tensor, text_embeds: Tensor | None):
+        return self.graph.select(hidden, patches, valid_mask, text_embeds)
+
+
 class AnyresVisionGraph(nn.Module):
     def __init__(self, adapter, layout: Layout, method: str, keep: float, options: dict | None = None):
         super().__init__()
@@ -150,7 +163,8 @@ class AnyresVisionGraph(nn.Module):
         self.model = adapter.model  # registered so .to()/.half() and tracing reach the weights
         self.clip = adapter.clip.model if adapter.clip is not None else None
         self.layout = layout
-        self.method = method
+        self.method_name = method
+        self.method = _Selection(self)
         self.keep = float(keep)
         self.options = options
         self.kb, self.kr = part_budgets(method, keep, layout)
@@ -161,16 +175,20 @@ class AnyresVisionGraph(nn.Module):
         hidden = a.hidden_before_scoring(pixel_values)  # [V, T, C]
         features = a.scoring_layer(hidden)
         patches = a.select_patches(features)  # [V, N, C]
+        return self.method(hidden, patches, valid_mask, text_embeds)
+
+    def select(self, hidden: Tensor, patches: Tensor, valid_mask: Tensor, text_embeds: Tensor | None):
+        a = self.adapter
         valid = (valid_mask > 0.5).reshape(1, -1)  # [1, R] raster order
         n_valid = valid.float().sum(-1)  # [1]
         lay = self.layout
-        if self.method == "none":
+        if self.method_name == "none":
             base_idx = torch.arange(self.n).unsqueeze(0)
             base = a.project(patches[0:1])
             raster = a.project(to_raster(patches[1:], lay)[0]).unsqueeze(0)
             raster_idx = ascending_from_mask(valid, self.kr)
             count = n_valid
-        elif self.method == "gprune":
+        elif self.method_name == "gprune":
             o = self.options
             base_all = a.project(patches[0:1])
             base_idx = topk_ascending(gprune_scores(base_all, o["threshold"], o["temperature"], o["iterations"]),
@@ -185,7 +203,7 @@ class AnyresVisionGraph(nn.Module):
             q, k, scale = a.scoring_qk(hidden)
             valid_crop = to_crops(valid.reshape(lay.raster), lay)  # [crops, N]
             k_crop = dynamic_budget(self.keep, valid_crop.float().sum(-1))  # [crops]
-            if self.method == "fopru":
+            if self.method_name == "fopru":
                 sig = scores_from_qk(q, k, scale, True, self.options.get("scores", "probs"))  # [V, N]
                 base_idx = topk_ascending(sig[0:1], self.kb)
                 masked = torch.where(valid_crop, sig[1:].float(), torch.tensor(-_F32_MAX))
@@ -210,6 +228,6 @@ class AnyresVisionGraph(nn.Module):
             count = k_crop.sum().reshape(1)
             raster = to_raster(patches[1:], lay)[0].unsqueeze(0)  # pre-projector, gathered below
         raster_kept = gather_tokens(raster, raster_idx)
-        if self.method in ("fopru", "gridprune"):
+        if self.method_name in ("fopru", "gridprune"):
             raster_kept = a.project(raster_kept)
         return base.float(), base_idx, raster_kept.float(), raster_idx, count.to(torch.int64).reshape(1)

@@ -156,11 +156,13 @@ class AnyresPreprocessor:
             x = (x - self.mean) / self.std
         return x
 
-    def __call__(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int], Layout]:
+    def __call__(self, image: Image.Image, layout: Layout | None = None) -> tuple[np.ndarray, tuple[int, int], Layout]:
+        """``layout``: tile onto this layout's pinpoint instead of the image's best one (INT8 calibration feeds every
+        layout's graph with every image)."""
         if self.c.get("do_convert_rgb", True) or image.mode != "RGB":
             image = to_rgb(image)
         w, h = image.size
-        layout = self.layout((h, w))
+        layout = layout or self.layout((h, w))
         th, tw = layout.pinpoint
         nh, nw = fit_size((h, w), (th, tw))
         resized = image.resize((nw, nh), self.filter) if (nw, nh) != (w, h) else image
