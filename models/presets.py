@@ -35,6 +35,7 @@ class PresetSpec:
     seed: int = 0
     family: str = "llava"  # model_type: "llava" (LLaVA-1.5) or "llava_next" (anyres)
     grid_pinpoints: tuple[tuple[int, int], ...] = ()  # llava_next: (height, width) canvases
+    spatial_merge: int = 1  # qwen2_5_vl: patches merged per side into one LLM token (2x2 in Qwen2.5-VL)
 
 
 # llava-hf/llava-v1.6-*-hf's image_grid_pinpoints
@@ -127,6 +128,7 @@ PRESETS: dict[str, PresetSpec] = {
         image_size=448,
         seed=4,
         family="qwen2_5_vl",
+        spatial_merge=2,
     ),
     # As in Qwen2.5-VL-7B at 448 x 448 (a 32-block, 1280-wide window-attention ViT on 1,024 patches before a 7B
     # decoder on ~300 tokens), the vision encoder is about a fifth of the unpruned time to first token.
@@ -146,6 +148,7 @@ PRESETS: dict[str, PresetSpec] = {
         image_size=448,
         seed=5,
         family="qwen2_5_vl",
+        spatial_merge=2,
     ),
 }
 

@@ -8,14 +8,9 @@ from math import floor
 
 from vlmprune.models.presets import PRESETS, PresetSpec
 
-QWEN_MERGE = 2  # Qwen2.5-VL's 2x2 patch merger: one LLM token per merged 2x2 patch window
-
-
 def preset_grid(spec: PresetSpec) -> tuple[int, int]:
     """(h, w) tokens of the preset's (base) view: LLaVA's patch grid, or Qwen2.5-VL's merged grid at its bucket."""
-    side = spec.image_size // spec.patch_size
-    if spec.family == "qwen2_5_vl":
-        side //= QWEN_MERGE
+    side = spec.image_size // spec.patch_size // spec.spatial_merge  # Qwen2.5-VL: one token per merged 2x2 window
     return side, side
 
 

@@ -11,6 +11,8 @@ import shutil
 import pytest
 
 from fake_trt import ALL_EPS, ORIN, PROMPT, FakeDevice, FakeEngine, FakeTrtBackend, engine_bundle, env, fake_trt
+from preset_geometry import preset_tokens, spec_k
+from vlmprune.export.exporter import ExportRequest
 from vlmprune.export.trt_build import main as build_main
 from vlmprune.runtime import pipeline as pipeline_mod
 from vlmprune.runtime import stages as stages_mod
@@ -19,6 +21,10 @@ from vlmprune.runtime.backends import OrtBackend
 from vlmprune.runtime.cli import run_main
 from vlmprune.runtime.gpu import detect_gpu
 from vlmprune.runtime.trt_decoder import TrtDecoder
+
+
+N, _ = preset_tokens(ExportRequest.model)  # engine_bundle's preset: a GridPrune bucket at keep 0.25
+NONE, PRUNED = f"none-k{N}", f"gridprune-k{spec_k(0.25, N)}"
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +46,14 @@ def test_plan_shows_all_three_engines_and_loads_nothing(bundle, monkeypatch, cap
     lines = out.splitlines()
     assert lines[1].startswith("plan (NVIDIA GPU: NVIDIA Jetson AGX Orin Developer Kit; ONNX Runtime providers: "
                                "TensorRT, CUDA, CPU; TensorRT installed):")
-    for label, file in (("text encoder", "text_encoder"), ("vision+prune", "gridprune-k144"), ("decoder", "decoder")):
+    for label, file in (("text encoder", "text_encoder"), ("vision+prune", PRUNED), ("decoder", "decoder")):
         line = next(x for x in lines if x.strip().startswith(label))
         assert line.split()[len(label.split())] == "tensorrt" and "cuda:0" in line
         assert f"engines/trt10-fp16/{file}.engine" in line
     assert err == ""  # every model stage on the GPU: no warning
     assert run_main.run([str(bundle), "--plan", "--engines", "trt10-fp16", "--json", "--keep", "1.0"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["plan"] and data["bucket"] == "none-k576" and data["warnings"] == []
+    assert data["plan"] and data["bucket"] == NONE and data["warnings"] == []
     assert [(s["stage"], s["backend"]) for s in data["stages"]] == [
         ("preprocess", "numpy"), ("text_encoder", "tensorrt"), ("vision", "tensorrt"), ("decoder", "tensorrt")]
 
@@ -91,7 +97,7 @@ def test_run_on_emulated_engines_uses_all_three_and_matches_onnxruntime(bundle, 
     assert [(s["stage"], s["backend"], s["device"]) for s in trt["stages"]][1:] == [
         ("text_encoder", "tensorrt", "cuda:0"), ("vision", "tensorrt", "cuda:0"), ("decoder", "tensorrt", "cuda:0")]
     assert trt["decoder"] == "tensorrt" and trt["warnings"] == [] and err == ""
-    assert FakeTrtBackend.opened == ["gridprune-k144", "text_encoder"]
+    assert FakeTrtBackend.opened == [PRUNED, "text_encoder"]
     assert len(devices) == 1 and all(d in ("H2D", "D2H") for d, _, _ in devices[0].copies)
     monkeypatch.setattr(pipeline_mod, "detect_environment", lambda: env())
     assert run_main.run([*args, "--decoder", "plain"]) == 0

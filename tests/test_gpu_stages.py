@@ -204,7 +204,8 @@ def test_gpu_detection_from_files(tmp_path):
 def test_engines_for_every_graph_put_every_model_stage_on_tensorrt(opened):
     p = planner(opened, env(ORIN, ALL_EPS, tensorrt=True), engines="trt10-fp16")
     stages = {s.stage: s for s in p.plan(bucket(opened))}
-    for name, file in (("text_encoder", "text_encoder.engine"), ("vision", "gridprune-k144.engine"),
+    pruned = next(b["name"] for b in opened.manifest["vision"]["buckets"] if b["method"] == "gridprune")
+    for name, file in (("text_encoder", "text_encoder.engine"), ("vision", f"{pruned}.engine"),
                        ("decoder", "decoder.engine")):
         assert (stages[name].backend, stages[name].device, stages[name].file) == (
             "tensorrt", "cuda:0", f"engines/trt10-fp16/{file}")
