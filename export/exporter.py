@@ -27,7 +27,7 @@ from .decoder import DecoderGraph, decoder_io
 from .decoder_fused import export_fused_decoder
 from .graphs import BucketVisionGraph, TextEncoderGraph
 from .lint import lint_all_targets
-from .onnx_io import WeightsFile, attach_weights, export_onnx, has_external_data, save_graph
+from .onnx_io import WeightsFile, attach_weights, export_onnx, save_graph
 from .precision import fp16_vision
 from .progress import Steps
 from .publish import claim

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from preset_geometry import preset_tokens, spec_k
-from vlmprune.bundle import Bundle, load_manifest
+from vlmprune.bundle import Bundle
 from vlmprune.calibrate.cli import main as calibrate_main
 from vlmprune.export.exporter import ExportRequest, export_bundle
 from vlmprune.export.progress import Steps

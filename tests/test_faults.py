@@ -8,14 +8,12 @@ crash leaves the old state or the new one.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import pytest
 from PIL import Image
 
 from preset_geometry import preset_tokens, spec_k
+from crafting import edit, manifest_of, reseal
 from vlmprune import atomic, integrity
 from vlmprune.bundle import Bundle
 from vlmprune.errors import VlmpruneError
@@ -70,34 +69,6 @@ def one_line_error(capsys, code) -> str:
 
 def run(folder, *extra, image="sample", prompt="hi"):
     return run_main.run([str(folder), "--image", str(image), "--prompt", prompt, "--max-new-tokens", "2", *extra])
-
-
-def reseal(folder: Path, manifest) -> None:
-    """Write a crafted manifest and update the record's entry for it, as a careful attacker (or a bug) would: the
-    schema and confinement checks must then hold on their own."""
-    data = (json.dumps(manifest) if not isinstance(manifest, bytes) else manifest)
-    data = data.encode() if isinstance(data, str) else data
-    (folder / "manifest.json").write_bytes(data)
-    record = json.loads((folder / "record.json").read_text())
-    record["files"]["manifest.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (folder / "record.json").write_text(json.dumps(record))
-
-
-def manifest_of(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
-
-
-def edit(path: list, value):
-    def apply(m):
-        target = m
-        for key in path[:-1]:
-            target = target[key]
-        if value is KeyError:
-            del target[path[-1]]
-        else:
-            target[path[-1]] = value
-        return m
-    return apply
 
 
 # --- crafted bundles -----------------------------------------------------------------------------------------------

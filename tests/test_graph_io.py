@@ -5,7 +5,6 @@ bundles of schema version 2 (names only) still read."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from crafting import edit, manifest_of, reseal
 from vlmprune import graph_io
 from vlmprune.bundle import SCHEMA_VERSION, Bundle
 from vlmprune.errors import VlmpruneError
@@ -53,20 +53,8 @@ def renamed(tmp_path_factory):
         fams["llava"] = original
 
 
-def _manifest(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
-
-
-def _reseal(folder: Path, manifest: dict) -> None:
-    data = json.dumps(manifest).encode()
-    (folder / "manifest.json").write_bytes(data)
-    record = json.loads((folder / "record.json").read_text())
-    record["files"]["manifest.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (folder / "record.json").write_text(json.dumps(record))
-
-
 def test_every_graph_tensor_has_its_kind(standard):
-    m = _manifest(standard)
+    m = manifest_of(standard)
     assert m["schema_version"] == SCHEMA_VERSION
     graphs = [*m["vision"]["buckets"], m["text_encoder"], m["decoder"]]
     for g in graphs:
@@ -81,7 +69,7 @@ def test_every_graph_tensor_has_its_kind(standard):
 
 
 def test_a_family_with_its_own_decoder_names_runs_unchanged(standard, renamed):
-    m = _manifest(renamed)
+    m = manifest_of(renamed)
     names = {e["name"] for e in m["decoder"]["inputs"] + m["decoder"]["outputs"]}
     assert {"embeds", "mask", "positions", "next_logits", "cache_in.0.k", "cache_out.1.v"} <= names
     assert not any(n.startswith(("past_key_values", "present")) or n in ("logits", "inputs_embeds") for n in names)
@@ -95,31 +83,19 @@ def test_a_family_with_its_own_decoder_names_runs_unchanged(standard, renamed):
 def test_version_2_bundles_read_with_the_kinds_of_their_names(standard, tmp_path):
     copy = tmp_path / "v2"
     shutil.copytree(standard, copy)
-    m = _manifest(copy)
+    m = manifest_of(copy)
     for g in [*m["vision"]["buckets"], m["text_encoder"], m["decoder"]]:
         for entry in g["inputs"] + g["outputs"]:
             entry.pop("kind"), entry.pop("layer", None)
     m["schema_version"] = 2
-    _reseal(copy, m)
+    reseal(copy, m)
     b = Bundle.open(copy)
     assert b.version == 2 and b.manifest["decoder"]["inputs"][3]["kind"] == "past_key"
-    assert "kind" not in _manifest(copy)["decoder"]["inputs"][0]  # read as version 3; the file is untouched
+    assert "kind" not in manifest_of(copy)["decoder"]["inputs"][0]  # read as version 3; the file is untouched
     image = make_sample_image()
     old = Pipeline(copy).generate(image, PROMPT, max_new_tokens=6, ignore_eos=True)
     new = Pipeline(standard).generate(image, PROMPT, max_new_tokens=6, ignore_eos=True)
     assert old.token_ids == new.token_ids
-
-
-def _set(path, value):
-    def apply(m):
-        target = m
-        for key in path[:-1]:
-            target = target[key]
-        if value is KeyError:
-            del target[path[-1]]
-        else:
-            target[path[-1]] = value
-    return apply
 
 
 def _layer_entry(m, kind, layer):
@@ -128,21 +104,21 @@ def _layer_entry(m, kind, layer):
 
 
 CRAFTED = {
-    "kind missing": (_set(["decoder", "inputs", 0, "kind"], KeyError), r"decoder.inputs\[0\].kind is missing"),
-    "unknown kind": (_set(["decoder", "inputs", 0, "kind"], "rope_cache"), "kind must be one of"),
-    "vision kind on the decoder": (_set(["decoder", "inputs", 0, "kind"], "pixel_values"),
+    "kind missing": (edit(["decoder", "inputs", 0, "kind"], KeyError), r"decoder.inputs\[0\].kind is missing"),
+    "unknown kind": (edit(["decoder", "inputs", 0, "kind"], "rope_cache"), "kind must be one of"),
+    "vision kind on the decoder": (edit(["decoder", "inputs", 0, "kind"], "pixel_values"),
                                    "is not a kind this graph has"),
-    "kind twice": (_set(["decoder", "inputs", 1, "kind"], "inputs_embeds"), "repeats inputs_embeds"),
-    "layer out of range": (lambda m: _set(["decoder", "inputs", _layer_entry(m, "past_key", 1), "layer"], 7)(m),
+    "kind twice": (edit(["decoder", "inputs", 1, "kind"], "inputs_embeds"), "repeats inputs_embeds"),
+    "layer out of range": (lambda m: edit(["decoder", "inputs", _layer_entry(m, "past_key", 1), "layer"], 7)(m),
                            "is 7, but the decoder has 2 layers"),
-    "layer missing": (lambda m: _set(["decoder", "inputs", _layer_entry(m, "past_value", 0), "layer"], KeyError)(m),
+    "layer missing": (lambda m: edit(["decoder", "inputs", _layer_entry(m, "past_value", 0), "layer"], KeyError)(m),
                       "needs a layer"),
     "a layer's cache gone": (lambda m: m["decoder"]["outputs"].pop(_layer_entry(m, "present_value", 1)),
                              "decoder.outputs has no present_value for layer 1"),
-    "layer on logits": (_set(["decoder", "outputs", 0, "layer"], 0), "must not have a layer"),
-    "no pixels": (_set(["vision", "buckets", 0, "inputs", 0, "kind"], "valid_mask"), "has no pixel_values"),
-    "no kept indices": (_set(["vision", "buckets", 0, "outputs", 1, "kind"], "image_embeds"), "repeats image_embeds"),
-    "bad position rank": (_set(["decoder", "inputs", 2, "shape"], ["batch"]), "position_ids has rank 1"),
+    "layer on logits": (edit(["decoder", "outputs", 0, "layer"], 0), "must not have a layer"),
+    "no pixels": (edit(["vision", "buckets", 0, "inputs", 0, "kind"], "valid_mask"), "has no pixel_values"),
+    "no kept indices": (edit(["vision", "buckets", 0, "outputs", 1, "kind"], "image_embeds"), "repeats image_embeds"),
+    "bad position rank": (edit(["decoder", "inputs", 2, "shape"], ["batch"]), "position_ids has rank 1"),
 }
 
 
@@ -151,9 +127,9 @@ def test_crafted_kinds_get_one_line(standard, tmp_path, capsys, case):
     copy = tmp_path / "b"
     shutil.copytree(standard, copy)
     craft, message = CRAFTED[case]
-    m = _manifest(copy)
+    m = manifest_of(copy)
     craft(m)
-    _reseal(copy, m)
+    reseal(copy, m)
     code = run_main.run([str(copy), "--image", "sample", "--prompt", "hi", "--max-new-tokens", "2"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "Traceback" not in "\n".join(lines) and re.search(message, lines[-1]), lines[-3:]
@@ -183,7 +159,7 @@ def test_without_a_chat_template_the_prompt_must_place_the_image(standard):
     """No template is invented: the placeholder goes where the user writes it, and a prompt without one is refused."""
     from vlmprune.runtime.prompt import PromptBuilder
 
-    spec = {**_manifest(standard)["prompt"], "chat_template": None}
+    spec = {**manifest_of(standard)["prompt"], "chat_template": None}
     builder = PromptBuilder(standard / "tokenizer.json", spec)
     token = spec["image_token"]
     assert builder.render(f"{token}\nWhat is this?") == f"{token}\nWhat is this?"
@@ -201,10 +177,10 @@ def test_a_manifest_naming_tensors_the_graph_lacks_is_one_line(standard, tmp_pat
 
     copy = tmp_path / "b"
     shutil.copytree(standard, copy)
-    m = _manifest(copy)
+    m = manifest_of(copy)
     for bucket in m["vision"]["buckets"]:
         bucket["inputs"][0]["name"] = "images"
-    _reseal(copy, m)
+    reseal(copy, m)
     if tool == "prune-run":
         code = run_main.run([str(copy), "--image", "sample", "--prompt", "hi", "--max-new-tokens", "2"])
     elif tool == "prune-profile":
