@@ -59,7 +59,7 @@ def plan_anyres(spec, options: dict, adapter, keeps, tokens, layouts: list[str] 
                             "token count", "give keep ratios, e.g. --keep 0.25")
     if not keeps:
         raise VlmpruneError("no budget given", "use --keep 0.25[,0.5,...]")
-    chosen = [adapter.layout(name) for name in layouts] if layouts else list(adapter.layouts)
+    chosen = [adapter.layout(name) for name in dict.fromkeys(layouts)] if layouts else list(adapter.layouts)
     opts = tuple(sorted(options.items()))
     out = []
     for lay in chosen:

@@ -113,7 +113,7 @@ def main(argv=None):
         validate=args.validate,
         clip=args.clip,
         trust_remote_code=args.trust_remote_code,
-        layouts=[part.strip() for part in args.layouts.split(",") if part.strip()] if args.layouts else None,
+        layouts=_layouts(args.layouts),
         image_sizes=_image_sizes(args.image_size),
     )
     steps = Steps(quiet=args.quiet)
@@ -151,12 +151,24 @@ def main(argv=None):
     return 0
 
 
+def _layouts(text):
+    if text is None:
+        return None  # every layout of the checkpoint
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise VlmpruneError(f"--layouts {text!r} names no layout", "give e.g. --layouts 2x2,1x2, or leave it out for all")
+    return names
+
+
 def _image_sizes(text):
-    if not text:
+    if text is None:
         return None
     from vlmprune.models.qwen2_5_vl import parse_image_size
 
-    return [parse_image_size(part.strip()) for part in text.split(",") if part.strip()]
+    sizes = [parse_image_size(part.strip()) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise VlmpruneError(f"--image-size {text!r} names no size", "give e.g. --image-size 448x448, or leave it out")
+    return sizes
 
 
 if __name__ == "__main__":

@@ -139,8 +139,15 @@ def _export(req: ExportRequest, steps: Steps, spec, target, options, out: Path, 
     torch.set_grad_enabled(False)
     with steps.step(f"load model {req.model}"), loading_errors(req.model):
         from vlmprune.models import load_model
-        from vlmprune.models.loading import checkpoint_dtype, resolve_path
+        from vlmprune.models.loading import checkpoint_dtype, model_family, resolve_path
 
+        family = model_family(req.model)  # config.json only: family-specific options are checked before loading
+        if req.layouts and family.recipe.layout != "anyres_raster":
+            raise VlmpruneError(f"--layouts chooses LLaVA-NeXT's pinpoint layouts, and {req.model} is {family.name}",
+                                "leave out --layouts")
+        if req.image_sizes and family.model_type != "qwen2_5_vl":
+            raise VlmpruneError(f"--image-size sets Qwen2.5-VL's bucket size, and {req.model} is {family.name}, "
+                                "whose views have the vision tower's fixed size", "leave out --image-size")
         if req.decoder_precision is None:  # follow the checkpoint: a published fp16/bf16 one stays half precision
             stored = checkpoint_dtype(resolve_path(req.model))
             req.decoder_precision = "fp16" if stored in ("F16", "BF16") else "fp32"

@@ -227,6 +227,13 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
         (["--method", "gprune", "--keep", "0.25", "--option", "temperature=0"], "temperature='0' .* is not in"),
         (["--method", "gprune", "--keep", "0.25", "--option", "threshold=nan"], r"threshold='nan' .* is not in \[-1, 1\]"),
         (["--method", "gprune", "--keep", "nan"], r"keep ratio nan is outside \(0, 1\]"),
+        # family-specific options, refused before the weights load where the family lacks them
+        (["--method", "gprune", "--keep", "0.25", "--layouts", "1x2"], "--layouts chooses LLaVA-NeXT's pinpoint"),
+        (["--method", "gprune", "--keep", "0.25", "--image-size", "448x448"], "--image-size sets Qwen2.5-VL's"),
+        (["--method", "gprune", "--keep", "0.25", "--model", "tiny-llava-next", "--layouts", " , "],
+         "--layouts ' , ' names no layout"),
+        (["--method", "gprune", "--keep", "0.25", "--model", "tiny-llava-next", "--layouts", "9x9"],
+         "layout '9x9' is not one of this checkpoint's pinpoint layouts"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):

@@ -192,3 +192,14 @@ def test_per_crop_methods_equal_the_single_view_method_on_whole_crops(method):
         whole = topk_ascending(s[0:1], 36)
     assert torch.nonzero(kept[0])[:, 0].tolist() == whole[0].tolist()  # a whole crop: the LLaVA-1.5 selection
     assert kept.sum(-1).tolist() == [36, 21] and not (kept & ~valid).any()  # padding is never selected
+
+
+def test_layouts_given_twice_get_one_graph_each(nxt):
+    from vlmprune.export.anyres_export import plan_anyres
+    from vlmprune.prune import get_method
+
+    spec = get_method("gprune")
+    options = spec.parse_options({})
+    twice = plan_anyres(spec, options, nxt, [0.25], [], ["1x2", "2x1", "1x2"])
+    once = plan_anyres(spec, options, nxt, [0.25], [], ["1x2", "2x1"])
+    assert [b.name for b in twice] == [b.name for b in once] and len({b.name for b in twice}) == len(twice) == 4
