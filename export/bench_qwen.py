@@ -16,7 +16,7 @@ def run_qwen_bench(args) -> dict:
     image = _image(args.image)
 
     def feeds(pipe, bucket):  # GridPrune's auxiliary-CLIP view and text embeddings included
-        return pipe._vision_feeds(pipe.qwen_preprocess(image), image, bucket, args.prompt, Timings())
+        return pipe.vision_feeds(pipe.qwen_preprocess(image), image, bucket, args.prompt, Timings())
 
     family = FamilyBench(name="Qwen2.5-VL", scope="the default image size",
                          open_pipeline=lambda bundle, threads: open_pipeline(bundle, threads=threads), feeds=feeds,

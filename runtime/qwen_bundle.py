@@ -57,13 +57,13 @@ class QwenBundlePipeline(Pipeline):
 
     def _run_vision(self, pixels: np.ndarray, image: Image.Image, bucket: dict, prompt: str, t: Timings) -> dict:
         """The bucket's vision graph on the image; its outputs by kind (``t``: preprocessing, text and vision time)."""
-        feeds = self._vision_feeds(pixels, image, bucket, prompt, t)
+        feeds = self.vision_feeds(pixels, image, bucket, prompt, t)
         t0 = time.perf_counter()
         out = self.vision_backend(bucket).run(feeds)
         t.vision_ms = (time.perf_counter() - t0) * 1e3
         return graph_io.by_kind(bucket["outputs"], out)
 
-    def _vision_feeds(self, pixels: np.ndarray, image: Image.Image, bucket: dict, prompt: str, t: Timings) -> dict:
+    def vision_feeds(self, pixels: np.ndarray, image: Image.Image, bucket: dict, prompt: str, t: Timings) -> dict:
         """The bucket graph's feeds, keyed by its recorded input names (``t``: preprocessing and text time)."""
         feeds = {"pixel_values": pixels}
         if graph_io.has(bucket["inputs"], "text_embeds"):  # GridPrune: the auxiliary CLIP's inputs
