@@ -74,6 +74,16 @@ def _text_embeds(bundle, manifest: dict, count: int) -> list[np.ndarray]:
     return [embeds[i % len(embeds)] for i in range(count)]
 
 
+def _float_scopes(manifest: dict) -> tuple[str, ...]:
+    """Node-name scopes left in floating point besides the pinned ones: the family's, as the export recorded them;
+    bundles from before that record it get CLIP's scoring-attention scope from ``model.vision.layers_run``."""
+    recorded = manifest["vision"].get("int8_float_scopes")
+    if recorded is not None:
+        return tuple(recorded)
+    layers_run = ((manifest.get("model") or {}).get("vision") or {}).get("layers_run")
+    return (f"/layers.{layers_run - 1}/self_attn/",) if type(layers_run) is int and layers_run > 0 else ()
+
+
 def _parts(bucket: dict) -> list[tuple[str, str, str | None]]:
     """(embeddings, kept indices, count or None) output names of each kept sequence of the bucket's graph: one for
     single-view graphs, the base view and the raster for anyres ones."""
@@ -194,8 +204,7 @@ def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quant
                                where) for i in range(len(px))]
 
     report, tool = {}, None
-    layers_run = (manifest.get("model") or {}).get("vision", {}).get("layers_run")
-    scopes = (f"/layers.{int(layers_run) - 1}/self_attn/",) if isinstance(layers_run, int) and layers_run > 0 else ()
+    scopes = _float_scopes(manifest)
     from vlmprune.export.trt_build import fp32_pattern
 
     pinned = fp32_pattern(manifest)  # the family's fp32 scopes, as prune-build pins them

@@ -551,6 +551,8 @@ def _manifest(req, adapter, spec, options, target, vision_records, text_record, 
             "views": [{"name": v.name, "image_size": list(v.image_size), "grid": list(v.grid),
                        "num_patches": v.num_patches, "has_cls": v.has_cls} for v in adapter.vision.views],
             "fp32_scopes": list(adapter.family.fp32_scopes),
+            # substrings of node names prune-calibrate also leaves in floating point: the scoring layer's attention
+            "int8_float_scopes": [adapter.family.scoring_attention_scope.format(layer=adapter.vision.layers_run - 1)],
             "weights": "vision.weights",
             "buckets": vision_records,
         },

@@ -79,6 +79,9 @@ class Family:
     # Regular expressions over ONNX node names that must stay fp32 in reduced-precision engines (prune-build) and
     # be left unquantised (prune-calibrate): the pruning subgraph and every LayerNorm.
     fp32_scopes: tuple[str, ...] = (r"(^|/)method/", r"layer_?norm|layrnorm|LayerNormalization")
+    # ONNX node-name scope of the scoring layer's self-attention ({layer}: its 0-based index), left unquantised by
+    # prune-calibrate: the side branch reads its Q/K, and graph optimisers merge the two (CLIP's naming by default)
+    scoring_attention_scope: str = "/layers.{layer}/self_attn/"
     decoder_io: DecoderIO = field(default_factory=DecoderIO)
     # Submodules of the transformers model that form the vision side (kept fp32 at load, released after export).
     vision_modules: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector")

@@ -63,6 +63,10 @@ def test_calibration_feeds_every_layout_and_reports_both_parts(bundle, tmp_path,
     for b in opened.manifest["vision"]["buckets"]:
         model = onnx.load(str(bundle / "int8" / int8["qdq"][b["name"]]), load_external_data=False)
         assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+        (scope,) = opened.manifest["vision"]["int8_float_scopes"]  # the scoring layer's attention, as recorded
+        dequantised = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        scoped = [n for n in model.graph.node if scope in n.name and n.op_type == "MatMul"]
+        assert scoped and not any(set(n.input) & dequantised for n in scoped)
         assert [i.name for i in model.graph.input] == [e["name"] for e in b["inputs"]]  # valid_mask included
         report = int8["accuracy"][b["name"]]
         assert report["images"] == 2 and report["embedding_cosine_mean"] > 0.9
@@ -72,3 +76,12 @@ def test_calibration_feeds_every_layout_and_reports_both_parts(bundle, tmp_path,
             assert report["kept_index_overlap_mean"] > 0.8, report
     assert "index overlap" in capsys.readouterr().out
     assert not (bundle / "int8" / "calib" / "pixel_values.npy").exists()  # anyres feeds differ per layout
+
+
+def test_float_scopes_come_from_the_manifest_and_older_bundles_get_clips():
+    from vlmprune.calibrate.cli import _float_scopes
+
+    assert _float_scopes({"vision": {"int8_float_scopes": ["/blocks.7/attn/"]}}) == ("/blocks.7/attn/",)
+    older = {"vision": {}, "model": {"vision": {"layers_run": 23}}}
+    assert _float_scopes(older) == ("/layers.22/self_attn/",)
+    assert _float_scopes({"vision": {}, "model": {"vision": {"layers_run": "23"}}}) == ()

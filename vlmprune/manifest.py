@@ -257,9 +257,10 @@ MANIFEST_SCHEMA = Obj({
         "view": VIEW,
         "views": List(VIEW, min_len=1, max_len=64),  # every view the graphs take; "view" is the first
         "fp32_scopes": List(Str(min_len=1, max_len=512), max_len=64),  # regular expressions over ONNX node names
+        "int8_float_scopes": List(Str(min_len=1, max_len=512), max_len=64),  # node-name substrings kept float
         "weights": Opt(PATHS),
         "buckets": List(BUCKET, min_len=1, max_len=1024),
-    }, optional=("weights", "views", "fp32_scopes")),
+    }, optional=("weights", "views", "fp32_scopes", "int8_float_scopes")),
     "text_encoder": Opt(Obj({
         "file": Path_(), "weights": Opt(PATHS), "inputs": IO, "outputs": IO, "tokenizer": Path_(),
         "max_length": Int(2, 1 << 16), "projection_dim": Int(1, 1 << 16),
