@@ -60,14 +60,14 @@ def _log(line: str) -> None:
 
 
 def _text_embeds(bundle, manifest: dict, count: int) -> list[np.ndarray]:
-    from vlmprune.runtime.backends import OrtBackend
+    from vlmprune.runtime.backends import OrtBackend, check_io
     from vlmprune.runtime.prompt import load_tokenizer
 
     from .data import PROMPTS
 
     spec = manifest["text_encoder"]
     tok = load_tokenizer(bundle.path(spec["tokenizer"]), "CLIP tokenizer")
-    enc = OrtBackend(bundle.path(spec["file"]))
+    enc = check_io(OrtBackend(bundle.path(spec["file"])), spec, "the text encoder")
     embeds = [graph_io.by_kind(spec["outputs"], enc.run(graph_io.feeds(
         spec["inputs"], {"input_ids": np.asarray([tok.encode(p).ids])}, "text encoder")))["text_embeds"]
         for p in PROMPTS]
@@ -123,7 +123,12 @@ def _check_graph_io(path: Path, bucket: dict) -> None:
     from vlmprune.runtime.backends import check_io
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    found = SimpleNamespace(inputs={v.name: None for v in graph.input}, outputs=[v.name for v in graph.output])
+    values = list(graph.input) + list(graph.output)
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+            for v in values}
+    types = {v.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)) for v in values}
+    found = SimpleNamespace(inputs={v.name: None for v in graph.input}, outputs=[v.name for v in graph.output],
+                            shapes=dims, types=types)
     check_io(found, bucket, f"the graph of bucket {bucket['name']}")
 
 
@@ -205,7 +210,7 @@ def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quant
 
     report, tool = {}, None
     scopes = _float_scopes(manifest)
-    from vlmprune.export.trt_build import fp32_pattern
+    from vlmprune.export.trt_build import fp32_pattern, unpinned_note, unpinned_selection
 
     pinned = fp32_pattern(manifest)  # the family's fp32 scopes, as prune-build pins them
     buckets = manifest["vision"]["buckets"]
@@ -214,10 +219,14 @@ def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quant
     for bucket in iterator:
         src = bundle.path(bucket["file"])
         _check_graph_io(src, bucket)
+        missed = unpinned_selection(src, pinned)
+        if missed:
+            _log(unpinned_note(bucket["name"], missed))
         rel = "qdq/" + bucket["file"].replace(".onnx", ".qdq.onnx")
         calib_feeds = feeds_for(bucket, calib_px, 0)
         tool = quantize(src, tmp / rel, calib_feeds, args.algo, float_scopes=scopes, pinned=pinned)
-        report[bucket["name"]] = accuracy(src, tmp / rel, feeds_for(bucket, eval_px, len(calib_px)),
+        # held-out images follow the calibration ones; with --holdout 0 the report reuses the first of those
+        report[bucket["name"]] = accuracy(src, tmp / rel, feeds_for(bucket, eval_px, len(calib_px) if holdout else 0),
                                           _parts(bucket))
         qdq[bucket["name"]] = rel
         if tensorrt_available():  # pragma: no cover - needs TensorRT

@@ -154,7 +154,7 @@ def main(argv=None):
 def _layouts(text):
     if text is None:
         return None  # every layout of the checkpoint
-    names = [part.strip() for part in text.split(",") if part.strip()]
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
     if not names:
         raise VlmpruneError(f"--layouts {text!r} names no layout", "give e.g. --layouts 2x2,1x2, or leave it out for all")
     return names
@@ -165,7 +165,7 @@ def _image_sizes(text):
         return None
     from vlmprune.models.qwen2_5_vl import parse_image_size
 
-    sizes = [parse_image_size(part.strip()) for part in text.split(",") if part.strip()]
+    sizes = list(dict.fromkeys(parse_image_size(part.strip()) for part in text.split(",") if part.strip()))
     if not sizes:
         raise VlmpruneError(f"--image-size {text!r} names no size", "give e.g. --image-size 448x448, or leave it out")
     return sizes

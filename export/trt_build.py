@@ -49,12 +49,10 @@ class EngineJob:
 
 
 def fp32_pattern(manifest: dict | None) -> re.Pattern:
-    """The layers to keep in fp32, as the model family declared them in the manifest (``model.family.fp32_scopes``,
-    or ``vision.fp32_scopes``); bundles written before families recorded them get LLaVA-1.5's scopes."""
-    scopes = None
-    if manifest:
-        scopes = (manifest.get("vision") or {}).get("fp32_scopes") or \
-            ((manifest.get("model") or {}).get("family") or {}).get("fp32_scopes")
+    """The layers to keep in fp32, as the model family declared them in the manifest (``vision.fp32_scopes``, checked
+    to be regular expressions when the bundle opened; version 2 bundles' family scopes are moved there on reading);
+    bundles written before families recorded them get LLaVA-1.5's scopes."""
+    scopes = ((manifest or {}).get("vision") or {}).get("fp32_scopes")
     if not scopes:
         return _PIN
     return re.compile("|".join(f"(?:{s})" for s in scopes), re.IGNORECASE)
@@ -65,6 +63,23 @@ def pinned_layers(onnx_path: Path, pattern: re.Pattern = _PIN) -> list[str]:
 
     return [name for name, op in read_nodes(onnx_path)
             if name and (pattern.search(name) or op in ("LayerNormalization", "SimplifiedLayerNormalization"))]
+
+
+SELECTION_OPS = ("TopK",)  # only the pruning selects: a TopK outside the pinned layers means the scopes missed it
+
+
+def unpinned_selection(onnx_path: Path, pattern: re.Pattern) -> list[str]:
+    """Selection nodes of a vision graph that the fp32 pattern does not pin: a bundle exported before its family's
+    scopes covered its graph (LLaVA-NeXT's anyres graphs before version 3) would have its pruning reduced."""
+    from .onnx_nodes import read_nodes
+
+    pinned = set(pinned_layers(onnx_path, pattern))
+    return [name for name, op in read_nodes(onnx_path) if op in SELECTION_OPS and name not in pinned]
+
+
+def unpinned_note(name: str, nodes: list[str]) -> str:
+    return (f"note: bucket {name}'s pruning ({nodes[0]}, ...) is outside the family's fp32 scopes, so its selection "
+            "runs in reduced precision; re-export the bundle with this vlmprune to pin it")
 
 
 def decoder_shapes(manifest: dict) -> dict[str, str]:
@@ -264,6 +279,11 @@ def main(argv=None):
     if not args.dry_run and len(targets) != 1:
         raise VlmpruneError("build one target at a time (engines are tied to the TensorRT on this machine)",
                             "pass a single --target; several or 'all' work with --dry-run")
+    if args.precision != "fp32":
+        for b in manifest["vision"]["buckets"]:
+            missed = unpinned_selection(bundle / b["file"], fp32_pattern(manifest))
+            if missed:
+                print(unpinned_note(b["name"], missed), file=sys.stderr)
     for target in targets:
         try:
             _check_lint(manifest, target)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmprune.errors import VlmpruneError
-from vlmprune.graph_io import DecoderNames
+from vlmprune.graph_io import FLOAT_DTYPES, DecoderNames
 
 _PREFERRED = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -90,24 +90,54 @@ class OrtBackend(Backend):
         # What the session really runs on: a GPU provider whose CUDA libraries fail to load is dropped with only a
         # log line, and the stage report must say so.
         self.providers = self.session.get_providers()
-        self.inputs = {i.name: _ORT_TYPES[i.type] for i in self.session.get_inputs()}
+        self.file = Path(path).name
+        self.inputs = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
+        # every tensor's shape (ints and dimension names) and dtype, for ``check_io`` against the manifest
+        args = self.session.get_inputs() + self.session.get_outputs()
+        self.shapes = {a.name: list(a.shape) for a in args}
+        self.types = {a.name: np.dtype(_ORT_TYPES[a.type]) for a in args if a.type in _ORT_TYPES}
 
     def run(self, feeds, outputs=None):
         names = outputs or self.outputs
-        return dict(zip(names, self.session.run(names, self.cast_feeds(feeds))))
+        feeds = self.cast_feeds(feeds)
+        try:
+            return dict(zip(names, self.session.run(names, feeds)))
+        except Exception as exc:
+            raise run_failure(self.file, exc) from None
 
 
 def check_io(backend: Backend, record: dict, what: str) -> Backend:
-    """The graph (or engine) behind ``backend`` has exactly the inputs and outputs its manifest ``record`` lists:
-    a mismatch (a crafted manifest, a file from another export) is one line here, not a failure inside a run."""
+    """The graph (or engine) behind ``backend`` has exactly the inputs and outputs its manifest ``record`` lists, with
+    their ranks, static sizes and kinds of dtype (integer or floating point): a mismatch (a crafted manifest, a file
+    from another export) is one line here, not a failure or a wrong answer inside a run."""
     listed_in = {e["name"] for e in record["inputs"]}
-    problems = [f"no input {n!r}" for n in sorted(listed_in - set(backend.inputs))]
-    problems += [f"an input {n!r} the manifest does not list" for n in sorted(set(backend.inputs) - listed_in)]
-    problems += [f"no output {e['name']!r}" for e in record["outputs"] if e["name"] not in backend.outputs]
+    problems = [f"has no input {n!r}" for n in sorted(listed_in - set(backend.inputs))]
+    problems += [f"has an input {n!r} that the manifest does not list" for n in sorted(set(backend.inputs) - listed_in)]
+    problems += [f"has no output {e['name']!r}" for e in record["outputs"] if e["name"] not in backend.outputs]
+    shapes, types = getattr(backend, "shapes", None) or {}, getattr(backend, "types", None) or {}
+    for e in record["inputs"] + record["outputs"]:
+        got = shapes.get(e["name"])
+        if got is not None and (len(got) != len(e["shape"]) or any(
+                type(a) is int and type(b) is int and a != b for a, b in zip(got, e["shape"]))):
+            problems.append(f"shapes {e['name']!r} {got}, not {e['shape']} as the manifest says")
+        dtype = types.get(e["name"])
+        if dtype is not None and (dtype.kind == "f") != (e["dtype"] in FLOAT_DTYPES):
+            problems.append(f"types {e['name']!r} {dtype}, not {e['dtype']} as the manifest says")
     if problems:
-        raise VlmpruneError(f"{what} has {problems[0]}, unlike the manifest", "re-export the bundle")
+        raise VlmpruneError(f"{what} {problems[0]}"[:300], "re-export the bundle")
     return backend
+
+
+def run_failure(file: str, exc: Exception) -> VlmpruneError:
+    """The last line of defence: an ONNX Runtime failure during a run (whatever a graph and its inputs disagree on
+    past every check before it) becomes one line naming the graph, not a traceback. ONNX Runtime raises its own
+    exception types (Fail, InvalidArgument, ...), so the callers catch ``Exception`` around the run call only."""
+    if isinstance(exc, VlmpruneError):
+        return exc
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return VlmpruneError(f"ONNX Runtime failed running {file}: {first[:200]}",
+                         "re-export the bundle; if it persists, report this")
 
 
 class OrtDecoder:
@@ -125,6 +155,8 @@ class OrtDecoder:
         self.layers = spec["num_layers"]
         self.kv_shape = (1, spec["num_kv_heads"], 0, spec["head_dim"])
         self.kv_dtype = np.dtype(spec.get("kv_dtype", "float32"))
+        self.file = spec["file"]
+        check_io(backend, spec, self.file)
         self.io = io = DecoderNames.of(spec)  # every tensor name from the manifest
         if io.position_ids is None:
             raise VlmpruneError("the manifest's decoder lists no position_ids input", "re-export the bundle")
@@ -186,7 +218,10 @@ class OrtDecoder:
             binding.bind_output(io.logits, "cpu")
         for name in self.present_names:
             binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise run_failure(self.file, exc) from None
         outputs = binding.get_outputs()
         self.past = outputs[1:]
         self.length += seq

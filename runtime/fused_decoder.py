@@ -17,7 +17,7 @@ import numpy as np
 from vlmprune.errors import VlmpruneError
 from vlmprune.graph_io import DecoderNames
 
-from .backends import OrtBackend
+from .backends import OrtBackend, check_io, run_failure
 
 
 class FusedDecoder:
@@ -33,6 +33,8 @@ class FusedDecoder:
         self.spec = spec
         self.layers = spec["num_layers"]
         self.capacity = min(int(capacity or spec["buffer_length"]), int(spec["buffer_length"]))
+        self.file = spec["file"]
+        check_io(backend, spec, self.file)
         self.io = io = DecoderNames.of(spec, "decoder_fused")  # every tensor name from the manifest
         self.past_names, self.present_names = list(io.past), list(io.present)
         missing = [n for n in [io.inputs_embeds, io.attention_mask, *self.past_names] if n not in backend.inputs]
@@ -105,7 +107,10 @@ class FusedDecoder:
         else:
             src = self._prefill = np.ascontiguousarray(embeds, dtype=self.embeds_dtype)
         self.bind(src, start)
-        self.session.run_with_iobinding(self.binding)
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except Exception as exc:
+            raise run_failure(self.file, exc) from None
         if src is self._prefill:
             self._prefill = self._bound = None  # its memory may be reused: never reuse its binding
         self.length += seq

@@ -48,12 +48,14 @@ def profile_ort(bundle, manifest: dict, iterations: int, warmup: int) -> list[di
     for b in manifest["vision"]["buckets"]:
         backend = check_io(OrtBackend(bundle.path(b["file"])), b, f"the graph of bucket {b['name']}")
         feeds = {}
-        for entry in b["inputs"]:  # synthetic inputs of the recorded shapes and dtypes (the graphs are static)
-            shape = [d if isinstance(d, int) else 1 for d in entry["shape"]]
+        for entry in b["inputs"]:  # synthetic inputs of the graph's own shapes and dtypes (checked against the
+            # manifest by check_io); the manifest says what each input is
+            shape = [d if isinstance(d, int) else 1 for d in backend.shapes[entry["name"]]]
+            dtype = backend.inputs[entry["name"]]
             if entry["kind"] == "valid_mask":  # every position of the layout valid: the most work
-                feeds[entry["name"]] = np.ones(shape, entry["dtype"])
+                feeds[entry["name"]] = np.ones(shape, dtype)
                 continue
-            x = rng.standard_normal(shape).astype(entry["dtype"])
+            x = rng.standard_normal(shape).astype(dtype)
             feeds[entry["name"]] = x / np.linalg.norm(x) if entry["kind"] == "text_embeds" else x
         times = timed(lambda: backend.run(feeds), repeats=iterations, warmup=warmup)
         rows.append(_row(b["name"], b, _stats_ms(times), "onnxruntime-cpu", metric="CPU latency"))

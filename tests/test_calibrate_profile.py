@@ -113,3 +113,20 @@ def test_profile_errors(tmp_path, capsys):
     empty.write_text("[I] Engine built.\n")
     assert profile_main.run(["--from-log", str(empty), "--out", str(tmp_path / "o")]) == 2
     assert "has no trtexec performance summary" in capsys.readouterr().err
+
+
+def test_calibrate_with_few_images_and_no_holdout(bundle, images, tmp_path):
+    """Fewer than four images leave none held out (and --holdout 0 asks for that): the report is measured on the
+    first calibration image, text-guided buckets included."""
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    three = tmp_path / "three"
+    three.mkdir()
+    for name in ("0.png", "1.png", "2.png"):
+        shutil.copy(images / name, three / name)
+    for folder, extra, used in ((three, [], 3), (images, ["--num", "5", "--holdout", "0"], 5)):
+        assert calibrate_main.run([str(copy), "--images", str(folder), *extra, "--algo", "minmax"]) == 0
+        meta = Bundle.open(copy).int8().meta
+        assert meta["images"] == used and meta["accuracy"][PRUNED]["images"] == 1

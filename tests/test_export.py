@@ -232,6 +232,8 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
         (["--method", "gprune", "--keep", "0.25", "--image-size", "448x448"], "--image-size sets Qwen2.5-VL's"),
         (["--method", "gprune", "--keep", "0.25", "--model", "tiny-llava-next", "--layouts", " , "],
          "--layouts ' , ' names no layout"),
+        (["--method", "gprune", "--keep", "0.25", "--model", "tiny-qwen2.5-vl", "--image-size", "448x448,224x224"],
+         "a bundle holds one image size for now"),
         (["--method", "gprune", "--keep", "0.25", "--model", "tiny-llava-next", "--layouts", "9x9"],
          "layout '9x9' is not one of this checkpoint's pinpoint layouts"),
     ],

@@ -149,7 +149,12 @@ def test_fp32_pins_follow_the_family_scopes_in_the_manifest(tmp_path):
                               [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1]) for i in range(4)])
     path = tmp_path / "g.onnx"
     onnx.save(helper.make_model(graph), str(path))
-    qwen = {"model": {"family": {"fp32_scopes": [r"(^|/)method/", r"norm|ln_q|RMSNorm"]}}, "vision": {}}
+    qwen = {"vision": {"fp32_scopes": [r"(^|/)method/", r"norm|ln_q|RMSNorm"]}}
     assert pinned_layers(path, fp32_pattern(qwen)) == ["/blocks.0/norm1/Mul", "/method/TopK", "/merger/ln_q/Mul"]
+    # version 2 recorded them with the family only: read as version 3, they move to vision.fp32_scopes
+    from vlmprune.manifest import upgrade_v2
+
+    v2 = upgrade_v2({"model": {"family": {"fp32_scopes": qwen["vision"]["fp32_scopes"]}}, "vision": {"buckets": []}})
+    assert pinned_layers(path, fp32_pattern(v2)) == ["/blocks.0/norm1/Mul", "/method/TopK", "/merger/ln_q/Mul"]
     # a bundle written before families were recorded keeps LLaVA-1.5's scopes
     assert pinned_layers(path, fp32_pattern({"vision": {}})) == ["/method/TopK"]

@@ -25,6 +25,22 @@ TEXT_OUTPUTS = ("text_embeds",)
 DECODER_INPUTS = ("inputs_embeds", "attention_mask", "position_ids", "past_key", "past_value")
 DECODER_OUTPUTS = ("logits", "present_key", "present_value")
 PER_LAYER = ("past_key", "past_value", "present_key", "present_value")
+# What each kind is: integer or floating point, and its rank(s). The schema holds every entry to it, and the runtime
+# compares entries with the graphs it opens (``runtime.backends.check_io``), so kinds cannot be swapped unnoticed.
+FORM = {
+    "pixel_values": ("float", (4, 2)),  # [V, 3, H, W], or Qwen2.5-VL's flattened patches [N, C*T*P*P]
+    "valid_mask": ("float", (2,)), "text_embeds": ("float", (2,)), "clip_pixel_values": ("float", (4,)),
+    "image_embeds": ("float", (3,)), "kept_indices": ("int", (2,)),
+    "base_embeds": ("float", (3,)), "base_indices": ("int", (2,)), "raster_embeds": ("float", (3,)),
+    "raster_indices": ("int", (2,)), "raster_count": ("int", (1,)),
+    "input_ids": ("int", (2,)),
+    "inputs_embeds": ("float", (3,)), "attention_mask": ("int", (2,)), "position_ids": ("int", (2, 3)),
+    "past_key": ("float", (4,)), "past_value": ("float", (4,)), "logits": ("float", (3,)),
+    "present_key": ("float", (4,)), "present_value": ("float", (4,)),
+}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+INT_DTYPES = ("int64", "int32")
+
 KINDS = tuple(dict.fromkeys(VISION_INPUTS + VISION_OUTPUTS + TEXT_INPUTS + TEXT_OUTPUTS + DECODER_INPUTS
                             + DECODER_OUTPUTS))
 
@@ -32,7 +48,7 @@ KINDS = tuple(dict.fromkeys(VISION_INPUTS + VISION_OUTPUTS + TEXT_INPUTS + TEXT_
 # named by its kind, the cache ``past_key_values.{i}.key|value`` / ``present.{i}.key|value``. Schema versions 1 and 2
 # recorded names only, and their exporters always wrote these, so reading kinds from them is what those formats
 # defined, not a guess; bundles of version 3 and later carry their kinds.
-_STANDARD_LAYER = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
+_STANDARD_LAYER = re.compile(r"^(past_key_values|present)\.(0|[1-9][0-9]{0,3})\.(key|value)$")
 
 
 def standard_kind(name: str) -> tuple[str, int | None] | None:
@@ -44,11 +60,14 @@ def standard_kind(name: str) -> tuple[str, int | None] | None:
 
 
 def add_legacy_kinds(entries: list) -> None:
-    """Give the entries of a version 1 or 2 graph their kinds, in place (entries of unknown names stay kind-less:
-    the runtime never feeds or reads them, and a graph that needs one fails validation by its missing kind)."""
+    """Give the entries of a version 1 or 2 graph the kinds of their names, in place. Those versions wrote no kinds,
+    so any found in such a file were crafted and are replaced; an entry of an unknown name is left kind-less, which
+    validation refuses."""
     for entry in entries:
-        if isinstance(entry, dict) and "kind" not in entry and isinstance(entry.get("name"), str):
-            found = standard_kind(entry["name"])
+        if isinstance(entry, dict):
+            entry.pop("kind", None)
+            entry.pop("layer", None)
+            found = standard_kind(entry["name"]) if isinstance(entry.get("name"), str) else None
             if found:
                 entry["kind"] = found[0]
                 if found[1] is not None:
@@ -130,5 +149,8 @@ def feeds(entries: list[dict], values: dict, where: str) -> dict:
 
 
 def by_kind(entries: list[dict], results: dict) -> dict:
-    """A graph's results (keyed by recorded output names) keyed by kind."""
-    return {entry["kind"]: results[entry["name"]] for entry in entries if entry["name"] in results}
+    """A graph's results (keyed by recorded output names) keyed by kind; a listed output missing is one line."""
+    missing = [entry["name"] for entry in entries if entry["name"] not in results]
+    if missing:
+        raise VlmpruneError(f"the graph returned no {missing[0]!r}, which the manifest lists", "re-export the bundle")
+    return {entry["kind"]: results[entry["name"]] for entry in entries}

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import VlmpruneError
-from .graph_io import (DECODER_INPUTS, DECODER_OUTPUTS, KINDS, PER_LAYER, TEXT_INPUTS, TEXT_OUTPUTS,
-                       VISION_INPUTS, VISION_OUTPUTS, add_legacy_kinds)
+from .graph_io import (DECODER_INPUTS, DECODER_OUTPUTS, FLOAT_DTYPES, FORM, INT_DTYPES, KINDS, PER_LAYER,
+                       TEXT_INPUTS, TEXT_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, add_legacy_kinds)
 from .integrity import check_relpath
 
 SCHEMA_VERSION = 3
@@ -359,6 +359,47 @@ def _check_io(entries: list, where: str, allowed: tuple, required: set, layers: 
         raise Invalid(where, f"has no {kind}" + (f" for layer {layer}" if layer is not None else ""))
 
 
+def _check_form(entries: list, where: str, sizes: dict | None = None) -> None:
+    """Each entry's dtype and rank are those of its kind (``graph_io.FORM``), and its static sizes those the manifest
+    gives elsewhere (``sizes``: kind -> {axis: size})."""
+    for j, io in enumerate(entries):
+        kind, dtype, shape = io["kind"], io["dtype"], io["shape"]
+        number, ranks = FORM[kind]
+        if dtype not in (FLOAT_DTYPES if number == "float" else INT_DTYPES) or len(shape) not in ranks:
+            raise Invalid(f"{where}[{j}]", f"is {kind}, {'a float' if number == 'float' else 'an integer'} tensor of "
+                          f"rank {' or '.join(map(str, ranks))}, but is listed as {dtype} {shape}"[:300])
+        for axis, size in ((sizes or {}).get(kind) or {}).items():
+            got = shape[axis] if -len(shape) <= axis < len(shape) else None
+            if type(got) is int and got != size:
+                raise Invalid(f"{where}[{j}].shape", f"has {got} on axis {axis}, the manifest's {kind} has {size}")
+
+
+def _check_names(entries: list, where: str, name_of) -> None:
+    for j, io in enumerate(entries):
+        expected = name_of(io["kind"], io.get("layer"))
+        if expected is not None and io["name"] != expected:
+            raise Invalid(f"{where}[{j}].name", f"is {io['name']!r}, but the {io['kind']}"
+                          + (f" of layer {io['layer']}" if io.get("layer") is not None else "")
+                          + f" is named {expected!r}"[:200])
+
+
+def _family_names(m: dict):
+    """``(kind, layer) -> name`` from the family's decoder templates the export recorded (``model.family.decoder_io``),
+    or None: the names must follow them, so per-layer kinds cannot be permuted. Plain substitution, not
+    ``str.format``, on these untrusted strings."""
+    io = ((m.get("model") or {}).get("family") or {}).get("decoder_io")
+    if not isinstance(io, dict):
+        return None
+
+    def name_of(kind, layer):
+        template = io.get(kind)
+        if not isinstance(template, str):
+            return None
+        return template.replace("{layer}", str(layer)) if layer is not None else template
+
+    return name_of
+
+
 def _check_roles(m: dict) -> None:
     for i, b in enumerate(m["vision"]["buckets"]):
         where = f"vision.buckets[{i}]"
@@ -366,20 +407,48 @@ def _check_roles(m: dict) -> None:
         outs = {io["kind"] for io in b["outputs"]}
         _check_io(b["outputs"], f"{where}.outputs", VISION_OUTPUTS,
                   _ANYRES_OUTPUTS if outs & _ANYRES_OUTPUTS else {"image_embeds", "kept_indices"})
+        _check_form(b["inputs"], f"{where}.inputs")
+        k = {1: b["k"]}
+        sizes = {"image_embeds": k, "kept_indices": k}
+        parts = {p.get("name"): p.get("k") for p in b.get("parts") or [] if isinstance(p, dict)}
+        for part in ("base", "raster"):  # anyres: each part's kept slots
+            if type(parts.get(part)) is int:
+                sizes.update({f"{part}_embeds": {1: parts[part]}, f"{part}_indices": {1: parts[part]}})
+        _check_form(b["outputs"], f"{where}.outputs", sizes)
     t = m.get("text_encoder")
     if t:
         _check_io(t["inputs"], "text_encoder.inputs", TEXT_INPUTS, set(TEXT_INPUTS))
         _check_io(t["outputs"], "text_encoder.outputs", TEXT_OUTPUTS, set(TEXT_OUTPUTS))
-    for key, needs_positions in (("decoder", True), ("decoder_fused", False)):
+        _check_form(t["inputs"], "text_encoder.inputs")
+        _check_form(t["outputs"], "text_encoder.outputs", {"text_embeds": {-1: t["projection_dim"]}})
+    # the fused decoder's names are its builder's standard ones; the plain decoder's, the family's templates
+    family_names = _family_names(m)
+    for key, allowed_in in (("decoder", DECODER_INPUTS),
+                            ("decoder_fused", tuple(k for k in DECODER_INPUTS if k != "position_ids"))):
         d = m.get(key)
         if not d:
             continue
-        required_in = set(DECODER_INPUTS) - (set() if needs_positions else {"position_ids"})
-        _check_io(d["inputs"], f"{key}.inputs", DECODER_INPUTS, required_in, d["num_layers"])
+        _check_io(d["inputs"], f"{key}.inputs", allowed_in, set(allowed_in), d["num_layers"])
         _check_io(d["outputs"], f"{key}.outputs", DECODER_OUTPUTS, set(DECODER_OUTPUTS), d["num_layers"])
+        kv = {1: d["num_kv_heads"], 3: d["head_dim"]}
+        sizes = {"inputs_embeds": {-1: d["hidden_size"]}, "logits": {-1: d["vocab_size"]}, "past_key": kv,
+                 "past_value": kv, "present_key": kv, "present_value": kv}
+        _check_form(d["inputs"], f"{key}.inputs", sizes)
+        _check_form(d["outputs"], f"{key}.outputs", sizes)
         pos = next((io for io in d["inputs"] if io["kind"] == "position_ids"), None)
-        if pos is not None and len(pos["shape"]) not in (2, 3):
-            raise Invalid(f"{key}.inputs", f"position_ids has rank {len(pos['shape'])}; [B, S] or [3, B, S] expected")
+        if pos is not None and len(pos["shape"]) == 3 and pos["shape"][0] not in (3, "3"):
+            raise Invalid(f"{key}.inputs", f"position_ids of rank 3 must be M-RoPE's [3, B, S], got {pos['shape']}")
+        names = _standard_name if key == "decoder_fused" else family_names
+        if names is not None:
+            _check_names(d["inputs"], f"{key}.inputs", names)
+            _check_names(d["outputs"], f"{key}.outputs", names)
+
+
+def _standard_name(kind: str, layer: int | None) -> str:
+    """The name ONNX Runtime GenAI's model builder gives a tensor of this kind (``graph_io.standard_kind`` inverted)."""
+    if kind in PER_LAYER:
+        return f"{'past_key_values' if kind.startswith('past') else 'present'}.{layer}.{kind.split('_')[1]}"
+    return kind
 
 
 def _generic_paths(value: Any, where: str, out: list) -> None:
@@ -468,7 +537,8 @@ INT8_META = Obj({
 
 def upgrade_v2(manifest: dict) -> dict:
     """A version 1 or 2 manifest (version 1 after ``upgrade_v1``) read as version 3: its graphs' entries get the
-    kinds of the fixed names those versions wrote. A copy; the file is not touched (its checksum stays valid)."""
+    kinds of the fixed names those versions wrote, and the family's fp32 scopes move to ``vision.fp32_scopes``. A
+    copy; the file is not touched (its checksum stays valid)."""
     import copy
 
     m = copy.deepcopy(manifest)
@@ -481,6 +551,10 @@ def upgrade_v2(manifest: dict) -> dict:
             for key in ("inputs", "outputs"):
                 if isinstance(g.get(key), list):
                     add_legacy_kinds(g[key])
+    if isinstance(vision, dict) and "fp32_scopes" not in vision:  # version 2 recorded them with the family only
+        scopes = ((m.get("model") or {}).get("family") or {}).get("fp32_scopes")
+        if scopes is not None:
+            vision["fp32_scopes"] = scopes  # validated as the current version's field
     m["schema_version"] = SCHEMA_VERSION
     return m
 
