@@ -14,7 +14,8 @@ TTFT_SPEEDUP_AT_025 = 3.0
 
 
 def run_anyres_bench(args) -> dict:
-    from vlmprune.models import load_model
+    from vlmprune.models.llava_next import config_layouts
+    from vlmprune.models.loading import resolve_path
     from vlmprune.runtime.anyres import layout_for_image
     from vlmprune.runtime.anyres_pipeline import AnyresPipeline
 
@@ -23,10 +24,15 @@ def run_anyres_bench(args) -> dict:
 
     image = _image(args.image)
     steps = Steps()
-    adapter = load_model(args.model)  # the image's layout, from the checkpoint's pinpoints (no export needed)
+    # the image's layout, from the checkpoint's pinpoints in its config (the weights are read once, by the export)
+    layouts = config_layouts(resolve_path(args.model))
+    if not layouts:
+        from vlmprune.models import load_model
+
+        layouts = load_model(args.model).layouts  # a config that does not state them: as the adapter derives them
     w, h = image.size
-    layout = layout_for_image((h, w), adapter.preprocessing.grid_pinpoints, adapter.layouts[0].view, adapter.side)
-    del adapter
+    first = layouts[0]
+    layout = layout_for_image((h, w), [lay.pinpoint for lay in layouts], first.view, first.side)
     steps.log(f"image {w}x{h}: pinpoint {list(layout.pinpoint)}, layout {layout.name} ({layout.num_views} views)")
 
     def feeds(pipe, bucket):

@@ -22,6 +22,22 @@ from .llava import LlavaAdapter, _first_attr, preprocessing_from
 from .registry import Capabilities, Family, RuntimeRecipe
 
 
+def config_layouts(path: Path) -> list[Layout] | None:
+    """The checkpoint's pinpoint layouts from its config.json alone (what the adapter derives after loading, checked
+    there against the processor's), or None when the config does not state them."""
+    from .loading import _read_config
+
+    cfg = _read_config(path)
+    vcfg = cfg.get("vision_config") or {}
+    pinpoints, size, patch = cfg.get("image_grid_pinpoints"), vcfg.get("image_size"), vcfg.get("patch_size")
+    if not (isinstance(pinpoints, list) and pinpoints and type(size) is int and type(patch) is int and patch > 0):
+        return None
+    try:
+        return layouts_for([tuple(int(x) for x in pp) for pp in pinpoints], size, size // patch)
+    except (TypeError, ValueError):
+        return None
+
+
 class LlavaNextAdapter(LlavaAdapter):
     arch = "llava_next"
 

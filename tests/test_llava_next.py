@@ -203,3 +203,10 @@ def test_layouts_given_twice_get_one_graph_each(nxt):
     twice = plan_anyres(spec, options, nxt, [0.25], [], ["1x2", "2x1", "1x2"])
     once = plan_anyres(spec, options, nxt, [0.25], [], ["1x2", "2x1"])
     assert [b.name for b in twice] == [b.name for b in once] and len({b.name for b in twice}) == len(twice) == 4
+
+
+def test_layouts_from_the_config_alone_are_the_adapters(nxt):
+    """prune-bench finds the image's layout from config.json, without loading the weights the export then reads."""
+    from vlmprune.models.llava_next import config_layouts
+
+    assert config_layouts(nxt.path) == nxt.layouts
