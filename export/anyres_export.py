@@ -18,8 +18,7 @@ from vlmprune.errors import VlmpruneError
 from vlmprune.runtime.anyres import Layout, layout_for_image
 
 from .anyres_graphs import OUTPUTS, AnyresVisionGraph, check_method, part_budgets
-from .lint import lint_all_targets
-from .onnx_io import WeightsFile, export_onnx, has_external_data, save_graph
+from .onnx_io import WeightsFile, export_onnx, has_external_data
 from .precision import fp16_vision
 from .progress import Steps
 from .validate import TOLERANCE, Check, _compare, _indices, _session
@@ -116,7 +115,7 @@ def _check(file: str, case: str, ref: list[np.ndarray], got: list[np.ndarray], p
 def export_anyres_vision(req, adapter, buckets: list[AnyresBucket], target, needs_text, text_embeds, tmp: Path,
                          scratch: Path, steps: Steps, checks: list) -> tuple[list[dict], dict]:
     """One graph per (layout, keep) bucket, all sharing ``vision.weights``; each validated as soon as it is written."""
-    from .exporter import _check_lint, _clear, _fold, _io
+    from .exporter import _finish_graph, _fold
 
     records, lint = [], {}
     s = adapter.vision.views[0].image_size
@@ -138,13 +137,8 @@ def export_anyres_vision(req, adapter, buckets: list[AnyresBucket], target, need
                 if not has_external_data(model):
                     model = _fold(model)
                 weights.add_model(model, scratch)
-                lint[bucket.file] = lint_all_targets(model)
-                _check_lint(bucket.file, lint[bucket.file], target)
-                save_graph(model, tmp / bucket.file)
-                inputs, outputs = _io(model)
+                inputs, outputs = _finish_graph(model, bucket.file, tmp, scratch, weights, target, lint)
                 del model
-                _clear(scratch)
-                weights.flush()
             records.append({
                 "name": bucket.name, "method": bucket.method, "keep": bucket.keep, "k": bucket.k,
                 "options": dict(bucket.options), "file": bucket.file, "inputs": inputs, "outputs": outputs,

@@ -323,13 +323,8 @@ def export_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp: P
                 with fp16_vision(adapter) if req.precision == "fp16" else contextlib.nullcontext():
                     model = _export_streamed(module, args, scratch / bucket.file, weights, input_names=names,
                                              output_names=["image_embeds", "kept_indices"], opset=target.opset)
-                lint[bucket.file] = lint_all_targets(model)
-                _check_lint(bucket.file, lint[bucket.file], target)
-                save_graph(model, tmp / bucket.file)
-                inputs, outputs = _io(model)
+                inputs, outputs = _finish_graph(model, bucket.file, tmp, scratch, weights, target, lint)
                 del model
-                _clear(scratch)
-                weights.flush()
             records.append({"name": bucket.name, "method": bucket.method, "keep": bucket.keep, "k": bucket.k,
                             "options": dict(bucket.options), "file": bucket.file, "inputs": inputs,
                             "outputs": outputs})
@@ -338,6 +333,20 @@ def export_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp: P
                     checks += validate_vision(tmp, {bucket.file: (module, uses_text)}, adapter, text_embeds,
                                               req.precision)
     return records, lint
+
+
+def _finish_graph(model: onnx.ModelProto, file: str, tmp: Path, scratch: Path, weights: WeightsFile, target,
+                  lint: dict) -> tuple[list[dict], list[dict]]:
+    """What every family's bucket export does once a vision graph is traced with its weights in the shared weights
+    file: lint it for every TensorRT target (refusing one the export's target cannot load), save it into the
+    bundle, clear the scratch files and flush the weights. Returns its inputs and outputs for the manifest."""
+    lint[file] = lint_all_targets(model)
+    _check_lint(file, lint[file], target)
+    save_graph(model, tmp / file)
+    inputs, outputs = _io(model)
+    _clear(scratch)
+    weights.flush()
+    return inputs, outputs
 
 
 def _export_streamed(module, args, path: Path, weights: WeightsFile, *, input_names, output_names, opset,

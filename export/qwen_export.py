@@ -14,8 +14,7 @@ from torch import nn
 from vlmprune.errors import VlmpruneError
 
 from .buckets import Bucket, plan_buckets
-from .lint import lint_all_targets
-from .onnx_io import WeightsFile, save_graph
+from .onnx_io import WeightsFile
 from .progress import Steps
 from .validate import TOLERANCE, _compare, _indices, _session
 
@@ -114,7 +113,7 @@ def validate_qwen_graph(path: Path, module: nn.Module, adapter, precision: str, 
 def export_qwen_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp: Path, scratch: Path,
                        steps: Steps, checks: list) -> tuple[list[dict], dict]:
     """``export_vision`` for Qwen2.5-VL (same signature and records, plus each bucket's image size)."""
-    from .exporter import _check_lint, _clear, _export_streamed, _io
+    from .exporter import _export_streamed, _finish_graph
     from .qwen_graphs import QwenVisionGraph
 
     if needs_text and text_embeds is None:
@@ -139,13 +138,8 @@ def export_qwen_vision(req, adapter, buckets, target, needs_text, text_embeds, t
                 with fp16_visual(adapter) if req.precision == "fp16" else contextlib.nullcontext():
                     model = _export_streamed(module, args, scratch / bucket.file, weights, input_names=names,
                                              output_names=["image_embeds", "kept_indices"], opset=target.opset)
-                lint[bucket.file] = lint_all_targets(model)
-                _check_lint(bucket.file, lint[bucket.file], target)
-                save_graph(model, tmp / bucket.file)
-                inputs, outputs = _io(model)
+                inputs, outputs = _finish_graph(model, bucket.file, tmp, scratch, weights, target, lint)
                 del model
-                _clear(scratch)
-                weights.flush()
             records.append({"name": bucket.name, "method": bucket.method, "keep": bucket.keep, "k": bucket.k,
                             "options": dict(bucket.options), "file": bucket.file, "inputs": inputs,
                             "outputs": outputs, "image_size": list(bucket.image_size),

@@ -7,7 +7,6 @@ transformers' order with the manifest's positions. Sessions, the decoder and the
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from vlmprune.errors import VlmpruneError
 from .anyres import AnyresPreprocessor, Layout
 from .anyres_stitch import POSITION_MODES, stitch_anyres
 from .pipeline import Pipeline, Result, Timings
+from .sampling import check_generation_args
 from .preprocess import load_image
 from .decode_loop import decode
 
@@ -130,13 +130,7 @@ class AnyresPipeline(Pipeline):
                  bucket: dict | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, on_text: Callable[[str], None] | None = None,
                  ignore_eos: bool = False) -> Result:
-        if max_new_tokens < 1:
-            raise VlmpruneError(f"--max-new-tokens {max_new_tokens} must be at least 1", "give a positive number")
-        if not 0 < top_p <= 1:
-            raise VlmpruneError(f"top-p {top_p} is outside (0, 1]", "give e.g. --top-p 0.9")
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise VlmpruneError(f"temperature {temperature} is not a finite number >= 0",
-                                "use 0 for greedy or a positive value")
+        check_generation_args(max_new_tokens, temperature, top_p, seed)
         if self.positions not in POSITION_MODES:
             raise VlmpruneError(f"unknown positions mode {self.positions!r}", f"choose one of {POSITION_MODES}")
         req = self.request(image, prompt, keep=keep, bucket=bucket)

@@ -3,7 +3,6 @@ decoder prefill -> generation, with per-stage timings. Torch- and transformers-f
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from vlmprune.errors import VlmpruneError
 from .backends import OrtBackend, OrtDecoder, check_io
 from .fused_decoder import FusedDecoder
 from .gpu import detect_environment
+from .sampling import check_generation_args
 from .preprocess import Preprocessor, load_image
 from .prompt import PromptBuilder, load_tokenizer
 from .decode_loop import decode
@@ -224,15 +224,7 @@ class Pipeline:
         on_text: Callable[[str], None] | None = None,
         ignore_eos: bool = False,
     ) -> Result:
-        if max_new_tokens < 1:
-            raise VlmpruneError(f"--max-new-tokens {max_new_tokens} must be at least 1", "give a positive number")
-        if not 0 < top_p <= 1:
-            raise VlmpruneError(f"top-p {top_p} is outside (0, 1]", "give e.g. --top-p 0.9")
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise VlmpruneError(f"temperature {temperature} is not a finite number >= 0",
-                                "use 0 for greedy or a positive value")
-        if seed is not None and not 0 <= seed < 2**63:
-            raise VlmpruneError(f"--seed {seed} is negative or too large", "give a seed in 0..2**63-1")
+        check_generation_args(max_new_tokens, temperature, top_p, seed)
         if bucket is None:
             bucket, _ = self.choose_bucket(keep)
         self.prepare(bucket)
