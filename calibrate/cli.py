@@ -95,25 +95,6 @@ def _parts(bucket: dict) -> list[tuple[str, str, str | None]]:
              graph_io.name_of(outs, "raster_count", where))]
 
 
-def _anyres_inputs(manifest: dict):
-    """``(bucket, [image]) -> {kind: array}``: the image tiled onto the bucket's layout, as the runtime tiles it."""
-    from vlmprune.runtime.anyres import layouts_for
-
-    from .data import anyres_pixels
-
-    pre = manifest["preprocessing"]
-    side = manifest["vision"]["view"]["grid"][0]
-    layouts = {lay.name: lay for lay in layouts_for(pre["grid_pinpoints"], int(pre["crop_size"][0]), side)}
-
-    def inputs(bucket, images):
-        if bucket.get("layout") not in layouts:
-            raise VlmpruneError(f"bucket {bucket['name']} names layout {bucket.get('layout')!r}, which the "
-                                "manifest's grid_pinpoints do not give", "re-export the bundle")
-        return anyres_pixels(pre, side, images[0], layouts[bucket["layout"]])
-
-    return inputs
-
-
 def _check_graph_io(path: Path, bucket: dict) -> None:
     """The bucket's graph has the inputs and outputs its manifest entry lists (read from the graph, not its weights)."""
     from types import SimpleNamespace
@@ -177,8 +158,10 @@ def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quant
                write_cache) -> dict:
     progress = _progress()
     auto = args.holdout is None
-    pixels, skipped = load_calibration_images(args.images, manifest["preprocessing"],
-                                              args.num + (HOLDOUT if auto else args.holdout), progress)
+    from .data import family_runtime, image_inputs
+
+    family = family_runtime(bundle)  # the preprocessing every request of this bundle gets
+    pixels, skipped = load_calibration_images(args.images, args.num + (HOLDOUT if auto else args.holdout), progress)
     n = len(pixels)
     holdout = min(HOLDOUT, n // 4) if auto else args.holdout
     if holdout >= n:  # never shrink the calibration set silently to make room for the report
@@ -195,16 +178,21 @@ def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quant
              "representative photos are typical")
     calib_dir = tmp / "calib"
     calib_dir.mkdir()
-    anyres = isinstance(pixels, list)  # images, tiled per bucket onto its layout (calibrate/data.py)
-    if not anyres:  # the batches, for trtexec --loadInputs or a later cache build
-        np.save(calib_dir / "pixel_values.npy", calib_px)
     text_all = _text_embeds(bundle, manifest, len(pixels)) if manifest.get("text_encoder") else None
-    image_inputs = _anyres_inputs(manifest) if anyres else (lambda bucket, px: {"pixel_values": px})
+
+    def inputs(bucket, image):
+        return image_inputs(family, bucket, image)
+
+    first = [inputs(b, calib_px[0])["pixel_values"] for b in manifest["vision"]["buckets"]]
+    if all(f.ndim == 4 and f.shape[0] == 1 and f.shape == first[0].shape for f in first):
+        # one [1, 3, H, W] view for every bucket: the batches, for trtexec --loadInputs or a later cache build
+        np.save(calib_dir / "pixel_values.npy", np.concatenate([inputs(manifest["vision"]["buckets"][0], im)
+                                                                ["pixel_values"] for im in calib_px]))
 
     def feeds_for(bucket, px, offset):
         needs_text = graph_io.has(bucket["inputs"], "text_embeds")
         where = f"bucket {bucket['name']}"
-        return [graph_io.feeds(bucket["inputs"], {**image_inputs(bucket, px[i : i + 1]),
+        return [graph_io.feeds(bucket["inputs"], {**inputs(bucket, px[i]),
                                                   **({"text_embeds": text_all[offset + i]} if needs_text else {})},
                                where) for i in range(len(px))]
 

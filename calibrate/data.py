@@ -1,5 +1,5 @@
-"""Calibration data: images preprocessed exactly as the runtime does (the manifest's constants), plus prompt
-embeddings for text-guided buckets."""
+"""Calibration data: images prepared exactly as the runtime prepares them (the bundle's family hooks, from the
+manifest's constants), plus prompt embeddings for text-guided buckets."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import numpy as np
 from PIL import Image
 
 from vlmprune.errors import VlmpruneError
-from vlmprune.runtime.anyres import AnyresPreprocessor
-from vlmprune.runtime.preprocess import Preprocessor, load_image, to_rgb
+from vlmprune.runtime.preprocess import load_image, to_rgb
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 # Generic VQA-style prompts to pair with the images for GridPrune's text input.
@@ -22,53 +21,56 @@ PROMPTS = [
 ]
 
 
-def load_calibration_images(folder: Path, preprocessing: dict, num: int,
-                            progress=None) -> tuple[np.ndarray | list, int]:
-    """Up to ``num`` images of ``folder`` (sorted, recursive) and how many were skipped as unreadable: ``[n, 3, H, W]``
-    float32 for single-view bundles; for anyres bundles the RGB images themselves (each layout's graph is fed every
-    image tiled onto its own pinpoint, ``anyres_pixels``), reduced to at most the largest pinpoint's side, since the
-    processor fits every image inside a pinpoint anyway (an extra resample is immaterial to activation ranges and
-    keeps a few hundred photos in memory as a few hundred MB)."""
-    if preprocessing.get("kind") == "qwen2_vl":  # Qwen2.5-VL graphs take flattened patches, not [n, 3, H, W]
-        raise VlmpruneError(f"INT8 calibration of bundles with {preprocessing.get('kind')!r} preprocessing is not "
-                            "supported yet", "build fp16 engines (prune-build --precision fp16) for this bundle")
+# Calibration photos are kept as RGB images at most this long on their longer side: every family's preprocessing
+# fits the image into views of a few hundred pixels, so a further downscale is immaterial to activation ranges,
+# and a few hundred photos stay a few hundred MB.
+MAX_SIDE = 1344
+
+
+def load_calibration_images(folder: Path, num: int, progress=None) -> tuple[list[Image.Image], int]:
+    """Up to ``num`` images of ``folder`` (sorted, recursive) as RGB images, and how many were skipped as
+    unreadable. Each bucket's graph gets them through the bundle's own family preprocessing
+    (``calibration_feeds``), exactly as the runtime prepares a request."""
     folder = Path(folder)
     if not folder.is_dir():
         raise VlmpruneError(f"calibration folder {folder} does not exist", "pass --images DIR with a few hundred photos")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise VlmpruneError(f"no images in {folder}", f"it needs files ending in {', '.join(sorted(IMAGE_SUFFIXES))}")
-    if preprocessing.get("kind") == "anyres":
-        largest = max(max(int(x) for x in p) for p in preprocessing["grid_pinpoints"])
-
-        def pre(image):
-            image = to_rgb(image)
-            image.thumbnail((largest, largest), Image.Resampling.BICUBIC)
-            return [image]
-    else:
-        pre = Preprocessor(preprocessing)
-    batches, skipped = [], 0
-    iterator = progress(files, desc="preprocess", unit="img") if progress else files
+    images, skipped = [], 0
+    iterator = progress(files, desc="read", unit="img") if progress else files
     for path in iterator:
-        if len(batches) >= num:
+        if len(images) >= num:
             break
         try:
-            batches.append(pre(load_image(path)))
+            image = to_rgb(load_image(path))
         except VlmpruneError:
             skipped += 1
+            continue
+        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BICUBIC)
+        images.append(image)
     if hasattr(iterator, "close"):  # a bar left open by the early break would share its line with the next one
         iterator.close()
-    if not batches:
+    if not images:
         raise VlmpruneError(f"none of the {len(files)} images in {folder} could be read", "check the files")
-    if isinstance(batches[0], list):
-        return [image for batch in batches for image in batch], skipped
-    return np.concatenate(batches), skipped
+    return images, skipped
 
 
-def anyres_pixels(preprocessing: dict, side: int, image, layout) -> dict[str, np.ndarray]:
-    """An anyres graph's image inputs (by kind) for ``image`` tiled onto ``layout``, as the runtime makes them."""
-    pixels, size_hw, _ = AnyresPreprocessor(preprocessing, side)(image, layout)
-    return {"pixel_values": pixels, "valid_mask": layout.valid_mask(size_hw).astype(np.float32)}
+def family_runtime(bundle):
+    """The bundle's family runtime hooks (its preprocessing, by the manifest's family), as the pipeline makes them."""
+    from vlmprune.runtime.family import runtime_class
+
+    emb = bundle.manifest["decoder"]["embeddings"]
+    try:
+        table = np.load(bundle.path(emb["file"]), mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise VlmpruneError(f"cannot read {emb['file']}: {str(exc)[:160]}", "re-export the bundle") from None
+    return runtime_class(bundle.manifest)(bundle, table)
+
+
+def image_inputs(family, bucket: dict, image: Image.Image) -> dict[str, np.ndarray]:
+    """A bucket graph's image inputs by kind for ``image``, prepared by the family as for a request."""
+    return family.prepare(image, bucket).values
 
 
 class FeedReader:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmprune import graph_io
 from vlmprune.cli_common import HelpFormatter, main_wrapper, quiet_libraries, require_extra
 from vlmprune.errors import VlmpruneError
 
@@ -35,6 +34,9 @@ TARGETS = {
     "ttft_speedup_vs_transformers": 1.3,
     "tpot_speedup_vs_transformers": 1.5,
 }
+# Vision graphs are timed apart from the runs, alternately with the unpruned one: this many untimed pairs first,
+# then at least this many timed pairs (every family alike).
+VISION_WARMUP, VISION_RUNS = 3, 20
 SETTLE_S = 0.05  # pause before a run on another engine: torch's and ORT GenAI's threads spin a while after a call
 
 
@@ -117,7 +119,7 @@ def _bare_decoder_step_ms(pipe, cache_len: int, steps: int) -> float:
 
 def run_bench(args) -> dict:
     from vlmprune.prune import get_method
-    from vlmprune.runtime.pipeline import Pipeline
+    from vlmprune.runtime.pipeline import open_bundle
     from vlmprune.runtime.profile import PeakMemory, median, timed
 
     from .bench_peers import OrtGenaiPeer, TransformersPeer, ortgenai_available
@@ -127,14 +129,8 @@ def run_bench(args) -> dict:
 
     from vlmprune.models.loading import model_family
 
-    if model_family(args.model).recipe.layout == "anyres_raster":  # LLaVA-NeXT: export/bench_anyres.py
-        from .bench_anyres import run_anyres_bench
-
-        return run_anyres_bench(args)
-    if model_family(args.model).model_type == "qwen2_5_vl":  # Qwen2.5-VL: export/bench_qwen.py
-        from .bench_qwen import run_qwen_bench
-
-        return run_qwen_bench(args)
+    family = model_family(args.model)
+    hooks = family.export_hooks()  # what this family's bench exports, and its own targets
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         get_method(m)
@@ -152,13 +148,21 @@ def run_bench(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     skipped = {}
+    export_options, scope = hooks.bench_export_options(args.model, image)
+    if scope:
+        steps.log(scope)
+    if not family.bench_peers:  # the peers are built for this family's decoder and prompt layout only where declared
+        precisions = precisions[:1]
+        args.baseline, args.ortgenai = False, False
+        for peer in ("onnxruntime-genai", "transformers"):
+            skipped[peer] = f"not run for {family.name} models"
 
     hf = None
     if args.baseline:
         with steps.step("load transformers peer (eager attention)"):
             hf = TransformersPeer(args.model, args.threads)
     og_peers: dict[str, OrtGenaiPeer] = {}
-    reason = ortgenai_available() if args.ortgenai else "--no-ortgenai"
+    reason = skipped.get("onnxruntime-genai") or (ortgenai_available() if args.ortgenai else "--no-ortgenai")
     if reason:
         skipped["onnxruntime-genai"] = reason
         steps.log(f"ONNX Runtime GenAI peer skipped: {reason}")
@@ -182,35 +186,32 @@ def run_bench(args) -> dict:
                                   decoder_precision=precision,
                                   # the validation floors are the exporter's; a speed run at a quantised precision
                                   # does not need them (its bundle is validated by prune-export and the tests)
-                                  validate=precision in ("fp32", "fp16")),
+                                  validate=precision in ("fp32", "fp16"), family_options=export_options),
                     Steps(quiet=True),
                 ).path
-            pipe = Pipeline(bundle, threads=args.threads)
-            steps.log(f"  runtime decoder: {pipe.decoder_kind}" + (f" ({pipe.decoder_note})" if pipe.decoder_note
-                                                                    else ""))
-            pixels = pipe.preprocess(image)
+            pipe = open_bundle(bundle, threads=args.threads)
+            steps.log(f"  runtime decoder: {pipe.decoder_kind}, positions {pipe.positions}" +
+                      (f" ({pipe.decoder_note})" if pipe.decoder_note else ""))
             ids = pipe.prompt.encode(args.prompt)
-            buckets = sorted(pipe.manifest["vision"]["buckets"], key=lambda b: -b["keep"])
+            buckets = sorted(pipe.family.buckets_for(image), key=lambda b: -b["keep"])
             none_bucket = next(b for b in buckets if b["method"] == "none")
             for b in buckets:
                 pipe.prepare(b)
             text_embeds = pipe.text_embeds(args.prompt) if pipe.manifest["text_encoder"] else None
 
             def vision_call(bucket):
-                values = {"pixel_values": pixels}
-                if graph_io.has(bucket["inputs"], "text_embeds"):
-                    values["text_embeds"] = text_embeds
-                feeds = graph_io.feeds(bucket["inputs"], values, f"bucket {bucket['name']}")
+                feeds = pipe.vision_feeds(pipe.family.prepare(image, bucket), bucket, args.prompt)
                 backend = pipe.vision_backend(bucket)
                 return lambda: backend.run(feeds)
 
             def paired_vision_ms(bucket):
-                """Medians of the unpruned graph and this bucket's graph, timed alternately so drift cancels."""
+                """Medians of the unpruned graph and this bucket's graph, timed alternately so drift cancels (the
+                same counts for every family)."""
                 a, b = vision_call(none_bucket), vision_call(bucket)
                 ta, tb = [], []
-                for _ in range(3):
+                for _ in range(VISION_WARMUP):
                     a(), b()
-                for _ in range(max(20, args.repeats)):
+                for _ in range(max(VISION_RUNS, args.repeats)):
                     ta += timed(a, 1, 0)
                     tb += timed(b, 1, 0)
                 return median(ta), median(tb)
@@ -245,10 +246,13 @@ def run_bench(args) -> dict:
                     row = {
                         "method": method,
                         "bucket": bucket["name"],
+                        **({"view": ours[0].view} if ours[0].view else {}),
                         "keep": bucket["keep"],
-                        "k": bucket["k"],
+                        "k": ours[0].visual_tokens_kept,
+                        "visual_tokens_total": ours[0].visual_tokens_total,
                         "decoder_precision": precision,
                         "decoder": pipe.decoder_kind,
+                        "positions": pipe.positions,
                         "prompt_tokens": ours[0].prompt_tokens,
                         "vision_only_ms": vision_only,
                         "vision_prune_ms": vision_prune,
@@ -266,6 +270,7 @@ def run_bench(args) -> dict:
                         pipe, row["prompt_tokens"] + args.new_tokens // 2, args.new_tokens)
                     row["prune_overhead"] = row["vision_prune_ms"] / row["vision_only_ms"]
                     row["tpot_over_bare_step"] = row["tpot_ms"] / row["bare_decoder_step_ms"]
+                    row["vision_share_of_ttft"] = row["vision_prune_ms"] / row["ttft_ms"]
                     if theirs:
                         row["ortgenai_prefill_ms"] = median(g["prefill_ms"] for g in theirs)
                         row["ortgenai_first_token_ms"] = median(g["first_token_ms"] for g in theirs)
@@ -298,11 +303,12 @@ def run_bench(args) -> dict:
         "decoder_precisions": precisions,
         "peers": {"onnxruntime-genai": "skipped: " + skipped["onnxruntime-genai"] if "onnxruntime-genai" in skipped
                   else f"onnxruntime-genai {_version('onnxruntime_genai')}, its model builder on the same weights",
-                  "transformers": "eager generate, fp32" if hf is not None else "skipped: --no-transformers"},
+                  "transformers": "eager generate, fp32" if hf is not None else
+                  "skipped: " + skipped.get("transformers", "--no-transformers")},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "rows": rows,
-        "targets": evaluate_targets(rows),
+        "targets": evaluate_targets(rows) + hooks.bench_targets(rows),
         "seconds": round(steps.elapsed, 1),
     }
     return report

@@ -70,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "in-place KV cache) that prune-run uses on ONNX Runtime CPU/CUDA; TensorRT keeps decoder.onnx "
                         "(default: on when onnxruntime-genai is installed)")
     p.add_argument("--clip", help="CLIP model for GridPrune's text tower (a preset brings its own)")
-    p.add_argument("--layouts", help="LLaVA-NeXT: pinpoint layouts (crop grids, rows x cols) that get vision graphs, "
-                                     "comma-separated, e.g. 2x2,1x2 (default: all of the checkpoint's pinpoints)")
-    p.add_argument("--image-size", help="Qwen2.5-VL: the vision graphs' static image size HxW, each side a "
-                                        "multiple of 28 (default: 448x448, 256 merged tokens)")
+    family_options = p.add_argument_group("family options", "taken by one model family only (refused for others)")
+    from vlmprune.models.registry import families
+
+    for fam in families().values():  # declared by each family (models/<family>/__init__.py), torch-free
+        for opt in fam.options:
+            family_options.add_argument(opt.flag, dest=f"family_{opt.dest}", metavar=opt.metavar, help=opt.help)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation against PyTorch")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
@@ -113,8 +115,7 @@ def main(argv=None):
         validate=args.validate,
         clip=args.clip,
         trust_remote_code=args.trust_remote_code,
-        layouts=_layouts(args.layouts),
-        image_sizes=_image_sizes(args.image_size),
+        family_options=_family_options(args),
     )
     steps = Steps(quiet=args.quiet)
     result = export_bundle(req, steps)
@@ -151,24 +152,17 @@ def main(argv=None):
     return 0
 
 
-def _layouts(text):
-    if text is None:
-        return None  # every layout of the checkpoint
-    names = [part.strip().lower() for part in text.split(",") if part.strip()]
-    if not names:
-        raise VlmpruneError(f"--layouts {text!r} names no layout", "give e.g. --layouts 2x2,1x2, or leave it out for all")
-    return names
+def _family_options(args) -> dict:
+    """The family-only options given, parsed by their families' declared parsers (before any weights load)."""
+    from vlmprune.models.registry import families
 
-
-def _image_sizes(text):
-    if text is None:
-        return None
-    from vlmprune.models.qwen2_5_vl import parse_image_size
-
-    sizes = list(dict.fromkeys(parse_image_size(part.strip()) for part in text.split(",") if part.strip()))
-    if not sizes:
-        raise VlmpruneError(f"--image-size {text!r} names no size", "give e.g. --image-size 448x448, or leave it out")
-    return sizes
+    out = {}
+    for fam in families().values():
+        for opt in fam.options:
+            text = getattr(args, f"family_{opt.dest}", None)
+            if text is not None:
+                out[opt.dest] = opt.parse_value(text)
+    return out
 
 
 if __name__ == "__main__":

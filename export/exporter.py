@@ -18,12 +18,11 @@ import vlmprune
 from vlmprune.bundle import SCHEMA_VERSION, write_manifest
 from vlmprune.errors import VlmpruneError
 from vlmprune.graph_io import DecoderNames, with_kinds
-from vlmprune.models.registry import DecoderIO
 from vlmprune.prune import get_method
 from vlmprune.prune.registry import validate_keep
 
-from .buckets import Bucket, plan_buckets
-from .decoder import DecoderGraph, decoder_io
+from .buckets import Bucket
+from .decoder import decoder_io
 from .decoder_fused import export_fused_decoder
 from .graphs import BucketVisionGraph, TextEncoderGraph
 from .lint import lint_all_targets
@@ -55,8 +54,8 @@ class ExportRequest:
     clip: str | None = None
     trust_remote_code: bool = False
     fused_decoder: bool | None = None  # ONNX Runtime's fused decoder too; None: when onnxruntime-genai is installed
-    layouts: list[str] | None = None  # anyres families: the pinpoint layouts that get graphs (None: all)
-    image_sizes: list[tuple[int, int]] | None = None  # Qwen2.5-VL: the static image size (None: 448x448)
+    # family-only options (the family's declared FamilyOption dests, e.g. a multi-view family's layouts), parsed
+    family_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -142,12 +141,7 @@ def _export(req: ExportRequest, steps: Steps, spec, target, options, out: Path, 
         from vlmprune.models.loading import checkpoint_dtype, model_family, resolve_path
 
         family = model_family(req.model)  # config.json only: family-specific options are checked before loading
-        if req.layouts and family.recipe.layout != "anyres_raster":
-            raise VlmpruneError(f"--layouts chooses LLaVA-NeXT's pinpoint layouts, and {req.model} is {family.name}",
-                                "leave out --layouts")
-        if req.image_sizes and family.model_type != "qwen2_5_vl":
-            raise VlmpruneError(f"--image-size sets Qwen2.5-VL's bucket size, and {req.model} is {family.name}, "
-                                "whose views have the vision tower's fixed size", "leave out --image-size")
+        check_family_options(family, req.family_options, req.model)
         if req.decoder_precision is None:  # follow the checkpoint: a published fp16/bf16 one stays half precision
             stored = checkpoint_dtype(resolve_path(req.model))
             req.decoder_precision = "fp16" if stored in ("F16", "BF16") else "fp32"
@@ -155,19 +149,8 @@ def _export(req: ExportRequest, steps: Steps, spec, target, options, out: Path, 
                              decoder_dtype="float32" if req.decoder_precision == "fp32" else "float16",
                              method=spec.name, needs=spec.needs)
     steps.log(f"decoder precision: {req.decoder_precision}")
-    view = adapter.vision.views[0]
-    if _anyres(adapter):  # LLaVA-NeXT: buckets per pinpoint layout (export/anyres_export.py)
-        from .anyres_export import plan_anyres
-
-        buckets = plan_anyres(spec, options, adapter, req.keeps, req.tokens, req.layouts)
-    elif _qwen(adapter):  # Qwen2.5-VL: buckets at a static image size (export/qwen_export.py)
-        from .qwen_export import plan_qwen
-
-        if req.image_sizes and len(set(map(tuple, req.image_sizes))) > 1:
-            raise VlmpruneError("a bundle holds one image size for now", "give one --image-size, e.g. 448x448")
-        buckets = plan_qwen(spec, options, adapter, req.keeps, req.tokens, req.image_sizes)
-    else:
-        buckets = plan_buckets(spec, options, view.num_patches, view.grid, req.keeps, req.tokens)
+    hooks = family.export_hooks()
+    buckets = hooks.plan(spec, options, adapter, req.keeps, req.tokens, req.family_options)
     needs_text = "text" in spec.needs
     if needs_text and adapter.clip is None:
         raise VlmpruneError(
@@ -180,7 +163,7 @@ def _export(req: ExportRequest, steps: Steps, spec, target, options, out: Path, 
     place.check(sources)  # the resolved model folders are known now
     tmp = place.make_temp()
     try:
-        result = _build(req, adapter, spec, options, buckets, target, needs_text, tmp, steps)
+        result = _build(req, adapter, hooks, spec, options, buckets, target, needs_text, tmp, steps)
         place.publish(tmp, sources)
     except BaseException:
         place.discard(tmp)
@@ -211,7 +194,21 @@ def loading_errors(model: str):
                             "processor files)") from None
 
 
-def _build(req, adapter, spec, options, buckets: list[Bucket], target, needs_text, tmp: Path, steps: Steps):
+def check_family_options(family, given: dict, model: str) -> None:
+    """A family-only option given for a model of another family is refused in one line, before the weights load."""
+    from vlmprune.models.registry import families
+
+    mine = {o.dest for o in family.options}
+    for dest, value in given.items():
+        if value in (None, [], ()) or dest in mine:
+            continue
+        owner = next((f for f in families().values() for o in f.options if o.dest == dest), None)
+        flag = next((o.flag for f in families().values() for o in f.options if o.dest == dest), dest)
+        raise VlmpruneError(f"{flag} is an option of {owner.name if owner else 'another family'} models, and {model} "
+                            f"is {family.name}", f"leave out {flag}")
+
+
+def _build(req, adapter, hooks, spec, options, buckets: list[Bucket], target, needs_text, tmp: Path, steps: Steps):
     """Each artifact is exported straight to files, validated, and released before the next one starts, so export
     memory is bounded by the largest graph rather than by the whole bundle."""
     scratch = tmp / ".scratch"  # torch's per-tensor files land here; removed before the manifest is written
@@ -223,19 +220,14 @@ def _build(req, adapter, spec, options, buckets: list[Bucket], target, needs_tex
             text_module = TextEncoderGraph(adapter).eval()
             ids = adapter.clip.tokenizer(VALIDATION_PROMPT, return_tensors="pt")["input_ids"]
             text_embeds = text_module(ids)
-        vision_fn = export_vision
-        if _anyres(adapter):
-            from .anyres_export import export_anyres_vision as vision_fn
-        elif _qwen(adapter):
-            from .qwen_export import export_qwen_vision as vision_fn
-        vision_records, lint = vision_fn(req, adapter, buckets, target, needs_text, text_embeds, tmp, scratch,
-                                             steps, checks)
+        vision_records, lint = hooks.export_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp,
+                                                   scratch, steps, checks)
         if text_module is not None:
             text_record, text_lint = export_text_encoder(req, adapter, text_module, target, tmp, scratch, steps, checks)
             lint.update(text_lint)
         _release_vision(adapter)  # the decoder stage does not need the vision tower: give its memory back
-        decoder_record, decoder_lint, decoder_summary = export_decoder(req, adapter, target, tmp, scratch, steps,
-                                                                       checks)
+        decoder_record, decoder_lint, decoder_summary = export_decoder(req, adapter, hooks, target, tmp, scratch,
+                                                                       steps, checks)
         lint.update(decoder_lint)
         fused_record, fused_summary = export_fused_decoder(req, adapter, tmp, steps, checks)  # for ORT CPU/CUDA
     finally:
@@ -269,26 +261,9 @@ def _build(req, adapter, spec, options, buckets: list[Bucket], target, needs_tex
                          validation, tmp)
     if fused_record is not None:  # the standard-op "decoder" stays the TensorRT one; see decoder_fused.providers
         manifest["decoder_fused"] = fused_record
-    if _anyres(adapter):
-        from .anyres_export import anyres_manifest
-
-        anyres_manifest(manifest, adapter, spec, tmp)
-    if _qwen(adapter):
-        from .qwen_export import qwen_manifest
-
-        qwen_manifest(manifest, adapter, spec)
+    hooks.manifest_extras(manifest, adapter, spec, tmp)
     write_manifest(tmp, manifest)
     return ExportResult(tmp, manifest, validation, dict(steps.timings))
-
-
-def _qwen(adapter) -> bool:
-    family = getattr(adapter, "family", None)
-    return family is not None and family.model_type == "qwen2_5_vl"
-
-
-def _anyres(adapter) -> bool:
-    family = getattr(adapter, "family", None)
-    return family is not None and family.recipe.layout == "anyres_raster"
 
 
 def _check_lint(name: str, per_target: dict, target) -> None:
@@ -424,8 +399,8 @@ def _drop_checkpoint_pages() -> None:
 
 
 def _release_vision(adapter) -> None:
-    """Drop the vision tower's and projector's weights (their graphs are written and validated)."""
-    for part in ("model.vision_tower", "model.multi_modal_projector"):
+    """Drop the vision side's weights (its graphs are written and validated): the submodules the family declares."""
+    for part in adapter.family.vision_modules:
         try:
             module = adapter.model.get_submodule(part)
         except AttributeError:
@@ -435,23 +410,12 @@ def _release_vision(adapter) -> None:
     _trim()
 
 
-def _decoder_module(adapter):
-    """The decoder graph and the family's I/O templates: M-RoPE families (``decoder_io.position_rank`` 3) take
-    ``position_ids [3, B, S]``."""
-    family = getattr(adapter, "family", None)
-    io = family.decoder_io if family is not None else DecoderIO()
-    if io.position_rank == 3:
-        from .qwen_decoder import QwenDecoderGraph
-
-        return QwenDecoderGraph(adapter).eval(), io
-    return DecoderGraph(adapter).eval(), io
-
-
-def export_decoder(req, adapter, target, tmp: Path, scratch: Path, steps: Steps,
+def export_decoder(req, adapter, hooks, target, tmp: Path, scratch: Path, steps: Steps,
                    checks: list) -> tuple[dict, dict, dict | None]:
-    """The KV-cache decoder in its precision: fp32/fp16 as traced, int8/int4 weight-only (MatMulNBits)."""
+    """The KV-cache decoder in its precision: fp32/fp16 as traced, int8/int4 weight-only (MatMulNBits). The
+    family's hooks give its module; its declaration, the I/O name templates and the position rank."""
     precision = req.decoder_precision
-    decoder, io = _decoder_module(adapter)
+    decoder, io = hooks.decoder_module(adapter), adapter.family.decoder_io
     dtype = next(decoder.lm.parameters()).dtype
     float_name = "float16" if dtype == torch.float16 else "float32"
     text = adapter.text
@@ -544,6 +508,7 @@ def _manifest(req, adapter, spec, options, target, vision_records, text_record, 
     text = adapter.text
     manifest = {
         "schema_version": SCHEMA_VERSION,
+        "family": adapter.family.family_key,  # the runtime picks the family's hooks by this, once
         "created_by": _versions(),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {**adapter.describe(), "preset": req.model in PRESETS},
@@ -572,7 +537,7 @@ def _manifest(req, adapter, spec, options, target, vision_records, text_record, 
             "image_token": text.image_token,
             "image_token_id": text.image_token_id,
             "stitch": "replace_placeholder",  # the single image token is replaced by the K kept image tokens
-            "positions": "contiguous",
+            "positions": adapter.family.positions_for(spec.name),  # the method's default for this family
         },
         "decoder": decoder_record,
         "lint": lint,

@@ -1,19 +1,25 @@
-"""Model adapters (LLaVA-1.5 now; LLaVA-NeXT and Qwen2.5-VL fit the same interface), tiny presets, loading."""
+"""Model families (one folder each: ``llava/``, ``llava_next/``, ``qwen2_5_vl/``) and the machinery they share: the
+registry, the adapter base, loading and the preset table.
 
-from .adapter import ClipText, Preprocessing, TextSpec, ViewSpec, VisionSpec, VLMAdapter
-from .loading import load_clip, load_model, resolve_path
-from .presets import PRESETS, ensure_preset
+Importing this package is torch-free, so the edge runtime can read the registry; the torch parts (adapters,
+loading) import on first use of the names below.
+"""
 
-__all__ = [
-    "PRESETS",
-    "ClipText",
-    "Preprocessing",
-    "TextSpec",
-    "VLMAdapter",
-    "ViewSpec",
-    "VisionSpec",
-    "ensure_preset",
-    "load_clip",
-    "load_model",
-    "resolve_path",
-]
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "ClipText": "adapter", "Preprocessing": "adapter", "TextSpec": "adapter", "ViewSpec": "adapter",
+    "VisionSpec": "adapter", "VLMAdapter": "adapter",
+    "load_clip": "loading", "load_model": "loading", "resolve_path": "loading",
+    "PRESETS": "presets", "ensure_preset": "presets",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,22 +1,27 @@
-"""The model-family registry, keyed by the checkpoint's ``model_type``.
+"""The model-family registry: which families exist, found by the checkpoint's ``model_type`` at export and by the
+manifest's ``family`` key at run time.
 
-Each family is one adapter file under ``models/`` that declares a ``FAMILY``: the transformers class that loads it,
-its scoring capabilities (CLS or not, the layer with global attention, a CLIP joint space or not), the fp32 scopes
-for precision pinning, the decoder I/O, and the runtime recipe (preprocessing kind, stitch layout, positions kind).
-Everything here is plain data, so a method's needs can be checked against a family from ``config.json`` alone,
-before any weights load. Adding a family: one adapter file, one line in ``_ADAPTER_MODULES``, a tiny preset.
+A family is one folder ``models/<key>/`` whose ``__init__.py`` declares a ``FAMILY`` (plain data, torch-free): the
+transformers class, the scoring capabilities, the fp32 scopes, the decoder I/O, its presets, its family-only export
+options, and the dotted names of its parts: the adapter and export hooks (torch) and the runtime hooks
+(torch-free). The registry imports those parts by name when they are first needed, so nothing below the family
+folders imports a family, and the runtime never pulls torch in through here. Adding a family: its folder, and one
+line in ``FAMILY_PACKAGES`` (or, for a family kept outside this package, its module in ``VLMPRUNE_FAMILIES``).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vlmprune.errors import VlmpruneError
 
-# Adapter files, imported on first use (they import torch).
-_ADAPTER_MODULES = ("vlmprune.models.llava", "vlmprune.models.llava_next", "vlmprune.models.qwen2_5_vl")
+# One line per family: its folder's package (torch-free; its parts are named in its FAMILY and imported on use).
+FAMILY_PACKAGES = ("vlmprune.models.llava", "vlmprune.models.llava_next", "vlmprune.models.qwen2_5_vl")
+# Families kept outside this package (a plugin, or a test's copy): comma-separated module names declaring a FAMILY.
+PLUGIN_ENV = "VLMPRUNE_FAMILIES"
 # Families known but not built yet: they say so rather than failing deep inside transformers.
 PLANNED = {"llava_onevision": "LLaVA-OneVision"}
 
@@ -69,13 +74,47 @@ class RuntimeRecipe:
 
 
 @dataclass(frozen=True)
+class FamilyOption:
+    """A ``prune-export`` option only one family takes (``--layouts``, ``--image-size``), checked like a method's
+    options: given for another family's model, it is refused in one line before the weights load."""
+
+    flag: str  # e.g. "--layouts"
+    dest: str  # the key in ExportRequest.family_options
+    help: str
+    parse: str = ""  # "module:function(text) -> value", torch-free; "" keeps the text
+    metavar: str = "VALUE"
+
+    def parse_value(self, text: str):
+        return load(self.parse)(text) if self.parse else text
+
+
+@dataclass(frozen=True)
 class Family:
-    model_type: str
+    model_type: str  # the checkpoint's config.json model_type
     name: str  # shown to users, e.g. "LLaVA-NeXT"
     transformers_class: str  # attribute of the ``transformers`` package
-    adapter: str  # "module:Class" of the adapter
+    adapter: str  # "module:Class" of the adapter (torch)
     capabilities: Capabilities
     recipe: RuntimeRecipe
+    # "module:Class" of the runtime hooks (torch-free, ``runtime/family.py``'s FamilyRuntime) and of the export hooks
+    # (torch, ``export/family.py``'s FamilyExport)
+    runtime: str = ""
+    export: str = ""
+    key: str = ""  # the manifest's family key (the folder's name); "" = model_type
+    # "module:function(spec, folder)" writing one of this family's presets, and the presets themselves
+    preset_writer: str = ""
+    presets: tuple = ()
+    options: tuple[FamilyOption, ...] = ()  # family-only prune-export options
+    # decoders prune-run can use for this family, and why the others are missing (shown where one is asked for)
+    decoders: tuple[str, ...] = ("plain", "fused", "tensorrt")
+    missing_decoders: tuple[tuple[str, str], ...] = ()
+    # ONNX Runtime GenAI's builder: the architecture name its model builder knows this family's text model by
+    fused_architecture: str = ""
+    # prune-bench runs the ONNX Runtime GenAI and transformers peers on this family's bundles
+    bench_peers: bool = False
+    # positions a bundle runs with unless the user says otherwise, per method (others: default_positions)
+    default_positions: str = "contiguous"
+    method_positions: tuple[tuple[str, str], ...] = ()
     # Regular expressions over ONNX node names that must stay fp32 in reduced-precision engines (prune-build) and
     # be left unquantised (prune-calibrate): the pruning subgraph and every LayerNorm.
     fp32_scopes: tuple[str, ...] = (r"(^|/)method/", r"layer_?norm|layrnorm|LayerNormalization")
@@ -88,12 +127,27 @@ class Family:
     # "module:function(path, trust_remote_code)" loading the processor when AutoProcessor cannot ("" = AutoProcessor)
     processor_loader: str = ""
 
+    @property
+    def family_key(self) -> str:
+        return self.key or self.model_type
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for private in ("presets", "options", "preset_writer"):  # tooling, not what a bundle needs to run
+            d.pop(private, None)
+        return d
 
     def adapter_class(self):
-        module, _, name = self.adapter.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return load(self.adapter)
+
+    def runtime_class(self):
+        return load(self.runtime) if self.runtime else load("vlmprune.runtime.family:FamilyRuntime")
+
+    def export_hooks(self):
+        return (load(self.export) if self.export else load("vlmprune.export.family:FamilyExport"))(self)
+
+    def positions_for(self, method: str) -> str:
+        return dict(self.method_positions).get(method, self.default_positions)
 
     def check_needs(self, method: str, needs) -> None:
         """One line when a method needs something this family's encoder does not have."""
@@ -108,26 +162,66 @@ class Family:
             )
 
 
+def load(dotted: str):
+    """``"module:attribute"`` -> the attribute (a family's parts are named this way so they import on use)."""
+    module, _, name = dotted.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 _FAMILIES: dict[str, Family] | None = None
 
 
+def _packages() -> list[str]:
+    extra = [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]
+    return [*FAMILY_PACKAGES, *extra]
+
+
 def families() -> dict[str, Family]:
-    """model_type -> Family, from every adapter file."""
+    """family key -> Family, from every registered family package (torch-free)."""
     global _FAMILIES
     if _FAMILIES is None:
         found = {}
-        for module in _ADAPTER_MODULES:
-            fam = importlib.import_module(module).FAMILY
-            found[fam.model_type] = fam
+        for module in _packages():
+            try:
+                fam = importlib.import_module(module).FAMILY
+            except (ImportError, AttributeError) as exc:
+                raise VlmpruneError(f"family module {module!r} cannot be loaded: {exc}",
+                                    f"check {PLUGIN_ENV} and the module's FAMILY declaration") from None
+            found[fam.family_key] = fam
         _FAMILIES = found
     return _FAMILIES
 
 
-def family_for(model_type: str, where: str = "config.json") -> Family:
+def reset() -> None:
+    """Forget the families found (after changing ``VLMPRUNE_FAMILIES``)."""
+    global _FAMILIES
+    _FAMILIES = None
+
+
+def family_by_key(key: str, where: str = "the manifest") -> Family:
     fams = families()
-    if model_type in fams:
-        return fams[model_type]
-    supported = ", ".join(f"{f.name} ({k})" for k, f in fams.items())
+    if key in fams:
+        return fams[key]
+    raise VlmpruneError(f"{where} names model family {key!r}, which this vlmprune does not have",
+                        f"families here: {', '.join(fams)}; upgrade vlmprune or re-export the bundle")
+
+
+def all_presets() -> dict:
+    """preset name -> PresetSpec, over every family."""
+    return {p.name: p for fam in families().values() for p in fam.presets}
+
+
+def family_of_preset(name: str) -> Family:
+    return next(f for f in families().values() if any(p.name == name for p in f.presets))
+
+
+def family_for(model_type: str, where: str = "config.json") -> Family:
+    """The family registered for a checkpoint's ``model_type`` (a later registration, e.g. a plugin, wins)."""
+    fams = [f for f in families().values() if f.model_type == model_type]
+    if fams:
+        return fams[-1]
+    fams = families()
+    supported = ", ".join(f"{f.name} ({f.model_type})" for f in fams.values())
     if model_type in PLANNED:
         raise VlmpruneError(f"{PLANNED[model_type]} ({model_type}) is not supported by this version of vlmprune yet",
                             f"supported architectures: {supported}")

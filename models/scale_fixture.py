@@ -80,7 +80,7 @@ def write_scale_checkpoint(out: Path, *, layers: int = 22, shard_mb: int = 2000,
     from safetensors.torch import save_file
     from transformers import LlavaForConditionalGeneration
 
-    from .presets import llava_processor
+    from vlmprune.models.llava.preset import llava_processor
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -70,25 +70,18 @@ def run_main(argv=None):
     from .sampling import check_generation_args
 
     check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any work or line
-    if args.positions is None:
-        from .anyres_pipeline import default_positions
-
-        args.positions = default_positions(args.bundle, args.verify)
     if args.plan:
         return _plan(args)
     missing = [flag for flag, value in (("--image", args.image), ("--prompt", args.prompt)) if value is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)} (or --plan)")
-    from .anyres_pipeline import AnyresPipeline, open_pipeline
+    from .pipeline import open_bundle
     from .stages import environment_dict, report_lines
 
     image = _image(args.image)
-    pipe = open_pipeline(args.bundle, provider=args.provider, threads=args.threads, positions=args.positions,
-                         engines=args.engines, verify=args.verify, decoder=args.decoder, require_gpu=args.require_gpu)
-    if isinstance(pipe, AnyresPipeline):  # LLaVA-NeXT: the image's best pinpoint picks the layout's buckets
-        bucket, message = pipe.choose_bucket_for_image(image, args.keep)
-    else:
-        bucket, message = pipe.choose_bucket(args.keep)
+    pipe = open_bundle(args.bundle, provider=args.provider, threads=args.threads, positions=args.positions,
+                       engines=args.engines, verify=args.verify, decoder=args.decoder, require_gpu=args.require_gpu)
+    bucket, message = pipe.choose_bucket(args.keep, image)  # among the buckets this image can use
     stages = pipe.stage_report(bucket)  # as loaded, printed once
     warnings = pipe.planner.check_devices(stages, args.require_gpu)
     if not args.json:
@@ -159,52 +152,45 @@ def viz_main(argv=None):
     args = _viz_parser().parse_args(argv)
     from vlmprune.errors import VlmpruneError
 
-    from .anyres_pipeline import AnyresPipeline, open_pipeline
-    from .viz import POOLING, Row, compose, model_view, overlay
+    from .pipeline import open_bundle
+    from .viz import POOLING, Row, compose
 
     _check_picture_path(args.out)
     image = _image(args.image)
-    rows, pooled = [], False
+    rows, pooled, captions = [], False, []
     for folder in args.bundles:
-        pipe = open_pipeline(folder)
-        if isinstance(pipe, AnyresPipeline):  # LLaVA-NeXT: base view and unpadded raster panels per bucket
-            from .anyres_viz import anyres_panels
-
-            rows.append(Row(f"{Path(folder).resolve().name}  ({folder})", anyres_panels(pipe, image, args.keep,
-                                                                                         args.prompt)))
-            continue
+        pipe = open_bundle(folder)
+        captions.append(pipe.family.view_caption)
         if args.keep:
             chosen = []
             for k in args.keep:
-                bucket, message = pipe.choose_bucket(k)
+                bucket, message = pipe.choose_bucket(k, image)
                 substituted = abs(bucket["keep"] - k) > 1e-9
                 if substituted:  # never a silent swap: on stderr and on the panel
                     print(f"prune-viz: {folder}: {message}", file=sys.stderr)
                 chosen.append((bucket, f"asked keep {k}: no such bucket; next larger shown" if substituted else ""))
         else:
-            chosen = [(b, "") for b in pipe.manifest["vision"]["buckets"] if b["method"] != "none"]
+            chosen = [(b, "") for b in pipe.family.buckets_for(image) if b["method"] != "none"]
             if not chosen:
                 raise VlmpruneError(f"{folder} has only the unpruned `none` bucket, so nothing is dropped to draw",
                                     "pass --keep 1.0 to draw it anyway, or export a pruning method")
-        grid = tuple(pipe.manifest["vision"]["view"]["grid"])
-        view = model_view(image, pipe.preprocess)
-        pixels = pipe.preprocess(image)
         panels = []
         for bucket, note in chosen:
-            _, kept, _ = pipe.vision(pixels, bucket, args.prompt)
+            req = pipe.request(image, args.prompt, bucket=bucket)
             pool = POOLING.get(bucket["method"], 0)
             pooled |= bool(pool)
             text_guided = graph_io.has(bucket["inputs"], "text_embeds")
-            title = f"{bucket['method']} keep {bucket['keep']}: {bucket['k']}/{pipe.num_patches} tokens"
+            title = f"{bucket['method']} keep {bucket['keep']}: {len(req.stitched.kept)}/{req.stitched.total} tokens"
             if not note:
                 note = ("every patch averaged into %dx%d windows, none dropped" % (pool, pool) if pool else
                         "unpruned: every patch kept" if bucket["method"] == "none" else
                         "text-guided: selected for the prompt" if text_guided else "image-only: the prompt plays no part")
-            panels.append(overlay(view, kept[0].tolist(), grid, title, note, pool=pool))
-        rows.append(Row(f"bundle {folder}", panels))
+            panels += pipe.family.panels(image, bucket, req.view, req.outputs, req.stitched, title=title, note=note,
+                                         pool=pool)
+        rows.append(Row(f"bundle {folder}" + (f"  ({req.view.note})" if req.view.note else ""), panels))
     image_name = "the built-in sample picture" if args.image == "sample" else Path(args.image).name
-    title_lines = [f"image: {image_name}, as the model sees it (its crop, resized)",
-                   f"prompt: \"{args.prompt}\""]
+    caption = captions[0] if len(set(captions)) == 1 else "as each model sees it"
+    title_lines = [f"image: {image_name}, {caption}", f"prompt: \"{args.prompt}\""]
     from PIL import Image
 
     from vlmprune.atomic import atomic_output, ensure_folder

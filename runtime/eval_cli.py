@@ -49,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N items only")
     p.add_argument("--engines", metavar="KEY",
                    help="run the vision graphs on TensorRT engines from prune-build, e.g. trt10-fp16")
-    p.add_argument("--positions", default="contiguous", choices=["contiguous", "original"],
-                   help="position ids of the kept image tokens (default contiguous)")
+    p.add_argument("--positions", default=None, choices=["contiguous", "original"],
+                   help="position ids of the kept image tokens (default: the bundle's own, as prune-run uses)")
     p.add_argument("--provider", help="ONNX Runtime provider (default: TensorRT, CUDA, CPU, whichever is present)")
     p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's)")
     p.add_argument("--plain-progress", action="store_true", help="progress as plain lines even if tqdm is installed")

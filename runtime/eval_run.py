@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmprune.bundle import MANIFEST, bucket_for, load_manifest
+from vlmprune.bundle import MANIFEST, Bundle, bucket_for
 from vlmprune.errors import VlmpruneError
 
 from .eval_data import Dataset, Item
@@ -33,7 +33,9 @@ class BundlePlan:
     bundle_id: str  # sha256 of manifest.json: a re-exported bundle never reuses another bundle's answers
     label: str
     method: str
-    buckets: list[dict]  # the unpruned bucket first
+    buckets: list[dict]  # the unpruned bucket first; each stands for its keep ratio (an image of a multi-layout
+    # family is answered by the bucket of its own layout with that keep ratio, recorded under this one's name)
+    bundle: Bundle | None = None  # opened and verified once, here; the pipeline reuses it
 
     @property
     def reference(self) -> dict:
@@ -45,8 +47,9 @@ def plan_bundles(folders: list[Path], keeps: list[float] | None, say=print) -> l
     plans: list[BundlePlan] = []
     for folder in folders:
         folder = Path(folder)
-        manifest = load_manifest(folder)  # the checks Pipeline makes too, before any answer is computed
-        bundle_id = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()[:16]
+        bundle = Bundle.open(folder)  # the one verification of this bundle, before any answer is computed
+        manifest = bundle.manifest
+        bundle_id = bundle.manifest_sha[:16]
         if any(p.bundle_id == bundle_id for p in plans):
             say(f"prune-eval: {folder} is the same bundle as an earlier argument; evaluated once")
             continue
@@ -68,7 +71,7 @@ def plan_bundles(folders: list[Path], keeps: list[float] | None, say=print) -> l
                                           key=lambda b: -b["keep"])
         method = manifest.get("method")
         method = method.get("name") if isinstance(method, dict) else str(method or selected[-1]["method"])
-        plans.append(BundlePlan(folder, bundle_id, folder.name, method, selected))
+        plans.append(BundlePlan(folder, bundle_id, folder.name, method, selected, bundle))
     names = [p.label for p in plans]
     for p in plans:  # two bundles in folders of the same name get their paths as labels
         if names.count(p.label) > 1:
@@ -172,6 +175,7 @@ def _record(plan: BundlePlan, bucket: dict, item: Item, result, eos: int | None)
     return {
         "bundle_id": plan.bundle_id, "bundle": plan.label, "bucket": bucket["name"], "method": bucket["method"],
         "keep": bucket["keep"], "k": bucket["k"], "qid": item.qid, "item": item.fingerprint,
+        "bucket_used": result.bucket, "visual_tokens_kept": result.visual_tokens_kept,
         "text": result.text, "token_ids": result.token_ids, "first_token": first, "stop_reason": result.stop_reason,
         "tokens_generated": result.tokens_generated, "prompt_tokens": result.prompt_tokens,
         "ttft_ms": round(t.ttft_ms, 3), "preprocess_ms": round(t.preprocess_ms, 3),
@@ -206,17 +210,13 @@ def run_eval(plans: list[BundlePlan], dataset: Dataset, out: Path, *, max_new_to
         log.close()
 
 
-def _open_pipeline(folder: Path, **kwargs):
-    """The bundle's pipeline: Qwen2.5-VL bundles (flattened patches, M-RoPE positions) have their own."""
-    from vlmprune.bundle import load_manifest
-
-    from .pipeline import Pipeline
-
-    if load_manifest(folder)["preprocessing"].get("kind") == "qwen2_vl":
-        from .qwen_bundle import QwenBundlePipeline
-
-        return QwenBundlePipeline(folder, **kwargs)
-    return Pipeline(folder, **kwargs)
+def _bucket_for_image(pipe, slot: dict, image) -> dict:
+    """The bucket that answers ``image`` for the keep ratio ``slot`` stands for (itself, for single-view families)."""
+    bucket, _ = pipe.choose_bucket(slot["keep"], image)
+    if bucket["method"] != slot["method"] or abs(bucket["keep"] - slot["keep"]) > 1e-9:
+        raise VlmpruneError(f"the image has no {slot['method']} bucket at keep {slot['keep']}",
+                            "re-export the bundle with every layout (the default)")
+    return bucket
 
 
 def _run(plans, dataset, log, max_new_tokens, engines, positions, provider, threads, plain_progress, stream):
@@ -240,20 +240,23 @@ def _run(plans, dataset, log, max_new_tokens, engines, positions, provider, thre
             todo = [item for item in dataset.items if missing(plan, item)]
             if not todo:
                 continue
-            pipe = _open_pipeline(plan.folder, provider=provider, threads=threads, positions=positions,
-                                  engines=engines)
+            from .pipeline import open_bundle
+
+            pipe = open_bundle(plan.bundle or plan.folder, provider=provider, threads=threads, positions=positions,
+                               engines=engines)
             eos = pipe.decoder_spec.get("eos_token_id")
             warmed: set[str] = set()
             for item in todo:
                 left = missing(plan, item)
                 try:
                     image = load_image(item.image)
-                    for bucket in left:
+                    for slot in left:
+                        bucket = _bucket_for_image(pipe, slot, image)
                         if bucket["name"] not in warmed:  # first session run pays allocation: keep it out of TTFT
                             pipe.generate(image, item.prompt, bucket=bucket, max_new_tokens=1)
                             warmed.add(bucket["name"])
                         result = pipe.generate(image, item.prompt, bucket=bucket, max_new_tokens=max_new_tokens)
-                        log.append(_record(plan, bucket, item, result, eos))
+                        log.append(_record(plan, slot, item, result, eos))
                         computed += 1
                         left = left[1:]
                         bar.update(1)

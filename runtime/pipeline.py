@@ -1,5 +1,8 @@
-"""The edge pipeline: image -> preprocess -> (text encoder) -> vision graph of the chosen bucket -> stitch ->
-decoder prefill -> generation, with per-stage timings. Torch- and transformers-free."""
+"""The edge pipeline, one for every family: image -> preprocess -> (text encoder) -> vision graph of the chosen
+bucket -> stitch -> decoder prefill -> generation, with per-stage timings. What differs per family (preprocessing,
+bucket choice, the graph's image inputs, stitching and positions) comes from the family's runtime hooks
+(``runtime/family.py``), picked once from the manifest. ``open_bundle`` is the one way in. Torch- and
+transformers-free."""
 
 from __future__ import annotations
 
@@ -12,18 +15,18 @@ import numpy as np
 from PIL import Image
 
 from vlmprune import graph_io
-from vlmprune.bundle import Bundle, bucket_for
+from vlmprune.bundle import Bundle
 from vlmprune.errors import VlmpruneError
 
 from .backends import OrtBackend, OrtDecoder, check_io
+from .decode_loop import decode
+from .family import FamilyRuntime, Stitched, View, runtime_class
 from .fused_decoder import FusedDecoder
 from .gpu import detect_environment
-from .sampling import check_generation_args
-from .preprocess import Preprocessor, load_image
+from .preprocess import load_image
 from .prompt import PromptBuilder, load_tokenizer
-from .decode_loop import decode
+from .sampling import check_generation_args
 from .stages import Stage, StagePlanner, fused_refusal
-from .stitch import POSITION_MODES, next_position, stitch
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Result:
     stop_reason: str
     kept_indices: list[int]
     timings: Timings = field(default_factory=Timings)
+    view: str = ""  # the family's note on how the image was taken, e.g. "layout 2x1" or "image size 448x448"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,29 +61,53 @@ class Result:
     def timing_line(self) -> str:
         t = self.timings
         text = f" | text enc {t.text_encoder_ms:.1f} ms" if t.text_encoder_ms else ""
-        return (f"[{self.bucket}: {self.visual_tokens_kept}/{self.visual_tokens_total} visual tokens, "
+        view = f", {self.view}" if self.view else ""
+        return (f"[{self.bucket}{view}: {self.visual_tokens_kept}/{self.visual_tokens_total} visual tokens, "
                 f"{self.prompt_tokens} prompt tokens] preprocess {t.preprocess_ms:.1f} ms{text} | "
                 f"vision+prune {t.vision_ms:.1f} ms | prefill {t.prefill_ms:.1f} ms | TTFT {t.ttft_ms:.1f} ms | "
                 f"TPOT {t.tpot_ms:.2f} ms x {self.tokens_generated} tokens ({self.stop_reason})")
 
 
+def open_bundle(bundle: str | Path | Bundle, **kwargs) -> "Pipeline":
+    """The pipeline of any bundle: verified once, its family's runtime hooks from the manifest. ``kwargs``: see
+    ``Pipeline``."""
+    return Pipeline(bundle, **kwargs)
+
+
+@dataclass
+class Request:
+    """Everything of one request before the decoder: the bucket, the graph's inputs and outputs, the stitch."""
+
+    bucket: dict
+    view: View
+    ids: list[int]
+    outputs: dict
+    stitched: Stitched
+    timings: Timings
+    start: float
+
+
 class Pipeline:
-    def __init__(self, bundle: str | Path, *, provider: str | None = None, threads: int | None = None,
-                 positions: str = "contiguous", verify: str = "quick", engines: str | None = None,
+    def __init__(self, bundle: str | Path | Bundle, *, provider: str | None = None, threads: int | None = None,
+                 positions: str | None = None, verify: str = "quick", engines: str | None = None,
                  decoder: str = "auto", require_gpu: bool = False):
-        if positions not in POSITION_MODES:
-            raise VlmpruneError(f"unknown positions mode {positions!r}", f"choose one of {', '.join(POSITION_MODES)}")
         if threads is not None and threads < 1:
             raise VlmpruneError(f"--threads {threads} must be at least 1", "or leave it out for ONNX Runtime's default")
-        # Every file below is opened through self.bundle.path: only files of the verified integrity record.
-        self.bundle = Bundle.open(bundle, verify)
+        # Every file below is opened through self.bundle.path: only files of the verified integrity record. A
+        # Bundle already opened (prune-run reads the positions default from it) is not verified again.
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify)
         self.folder = self.bundle.folder
         self.manifest = self.bundle.manifest
+        family_class = runtime_class(self.manifest)
+        if positions is None:  # the method's default, recorded at export
+            positions = family_class.default_positions(self.manifest)
+        if positions not in family_class.position_modes:
+            raise VlmpruneError(f"unknown positions mode {positions!r}",
+                                f"choose one of {', '.join(family_class.position_modes)}")
         self.positions = positions
         self.provider = provider
         self.threads = threads
         m = self.manifest
-        self.preprocess = Preprocessor(m["preprocessing"])
         self.prompt = PromptBuilder(self.bundle.path(m["prompt"]["tokenizer"]), m["prompt"])
         emb = m["decoder"]["embeddings"]
         try:  # never pickle: allow_pickle stays False
@@ -89,6 +117,8 @@ class Pipeline:
         if list(self.table.shape) != emb["shape"] or self.table.dtype.name != emb["dtype"]:
             raise VlmpruneError(f"{emb['file']} is {self.table.dtype.name} {list(self.table.shape)}, the manifest says "
                                 f"{emb['dtype']} {emb['shape']}", "re-export")
+        self.family: FamilyRuntime = family_class(self.bundle, self.table)
+        self.preprocess = self.family.preprocess
         self.decoder_spec = m["decoder"]
         self.engines = None
         if engines is not None:  # TensorRT engines from prune-build (every graph that has one), verified like the bundle
@@ -99,7 +129,8 @@ class Pipeline:
         if require_gpu:  # refused before anything large is loaded; the vision graph is checked in stage_report
             self.planner.check_devices([self.planner.text_encoder(), self.planner.decoder()], require_gpu=True)
         self.decoder = self._make_decoder(decoder)
-        self.num_patches = m["vision"]["view"]["num_patches"]
+        self.position_rank = graph_io.DecoderNames.of(m["decoder"]).position_rank  # [B, S], or [3, B, S] (M-RoPE)
+        self.num_patches = self.family.num_patches
         self._vision: dict[str, OrtBackend] = {}
         self._text = None
         if m["text_encoder"]:
@@ -186,8 +217,10 @@ class Pipeline:
                 stages[i] = stage.observed(loaded[stage.stage].providers)
         return stages
 
-    def choose_bucket(self, keep: float | None) -> tuple[dict, str]:
-        return bucket_for(self.manifest, keep)
+    def choose_bucket(self, keep: float | None, image: Image.Image | None = None) -> tuple[dict, str]:
+        """The bucket for this keep ratio (or the next larger) among those ``image`` can use, and a sentence
+        saying which."""
+        return self.family.choose_bucket(keep, image)
 
     def text_embeds(self, prompt: str) -> np.ndarray:
         spec = self.manifest["text_encoder"]
@@ -199,16 +232,52 @@ class Pipeline:
         out = self._text.run(graph_io.feeds(spec["inputs"], {"input_ids": np.asarray([ids])}, "text encoder"))
         return graph_io.by_kind(spec["outputs"], out)["text_embeds"]
 
-    def vision(self, pixel_values: np.ndarray, bucket: dict, prompt: str) -> tuple[np.ndarray, np.ndarray, float]:
-        values = {"pixel_values": pixel_values}
-        t0 = time.perf_counter()
-        text_ms = 0.0
+    def vision_feeds(self, view: View, bucket: dict, prompt: str, t: Timings | None = None) -> dict:
+        """The bucket graph's feeds, by its recorded input names (``t``: the text encoder's time)."""
+        values = dict(view.values)
         if graph_io.has(bucket["inputs"], "text_embeds"):
+            t0 = time.perf_counter()
             values["text_embeds"] = self.text_embeds(prompt)
-            text_ms = (time.perf_counter() - t0) * 1e3
-        out = self.vision_backend(bucket).run(graph_io.feeds(bucket["inputs"], values, f"bucket {bucket['name']}"))
-        out = graph_io.by_kind(bucket["outputs"], out)
-        return out["image_embeds"], out["kept_indices"].astype(np.int64), text_ms
+            if t is not None:
+                t.text_encoder_ms = (time.perf_counter() - t0) * 1e3
+        return graph_io.feeds(bucket["inputs"], values, f"bucket {bucket['name']}")
+
+    def run_vision(self, view: View, bucket: dict, prompt: str, t: Timings | None = None) -> dict:
+        """The bucket's graph on a prepared image: its outputs by kind."""
+        feeds = self.vision_feeds(view, bucket, prompt, t)
+        t0 = time.perf_counter()
+        out = self.vision_backend(bucket).run(feeds)
+        if t is not None:
+            t.vision_ms = (time.perf_counter() - t0) * 1e3
+        return graph_io.by_kind(bucket["outputs"], out)
+
+    def request(self, image: Image.Image | str | Path, prompt: str, *, keep: float | None = None,
+                bucket: dict | None = None) -> Request:
+        """Everything before the decoder: the bucket, the image as its graph takes it, the graph's outputs and the
+        stitched prompt, with their timings."""
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        if bucket is None:
+            bucket, _ = self.choose_bucket(keep, image)
+        else:
+            self.family.check_bucket(bucket, image)
+        self.prepare(bucket)
+        start = time.perf_counter()
+        t = Timings()
+        ids = self.prompt.encode(prompt)
+        max_ctx = self.decoder_spec["max_context"]
+        self.family.check_prompt(ids, self.prompt.image_token_id, bucket, self.positions, max_ctx)
+        view = self.family.prepare(image, bucket)
+        t.preprocess_ms = (time.perf_counter() - start) * 1e3
+        out = self.run_vision(view, bucket, prompt, t)
+        st = self.family.stitch(ids, self.prompt.image_token_id, out, view, self.positions)
+        if st.embeds.shape[1] >= max_ctx or st.next_pos >= max_ctx:
+            # original positions leave gaps: the last position id counts as well as the token count
+            raise VlmpruneError(f"the prompt is {st.embeds.shape[1]} tokens and its positions reach {st.next_pos - 1} "
+                                f"({len(st.kept)} of {st.total} image tokens kept), which fills the model's context of "
+                                f"{max_ctx}", "shorten the prompt, use a smaller keep ratio (--keep) or "
+                                              "--positions contiguous")
+        return Request(bucket, view, ids, out, st, t, start)
 
     def generate(
         self,
@@ -225,53 +294,24 @@ class Pipeline:
         ignore_eos: bool = False,
     ) -> Result:
         check_generation_args(max_new_tokens, temperature, top_p, seed)
-        if bucket is None:
-            bucket, _ = self.choose_bucket(keep)
-        self.prepare(bucket)
-        start = time.perf_counter()
-        t = Timings()
-        if not isinstance(image, Image.Image):
-            image = load_image(image)
-        pixels = self.preprocess(image)
-        t.preprocess_ms = (time.perf_counter() - start) * 1e3
-        ids = self.prompt.encode(prompt)
-        k = bucket["k"]
-        prompt_len = len(ids) - 1 + k
-        max_ctx = self.decoder_spec["max_context"]
-        if prompt_len >= max_ctx:
-            raise VlmpruneError(
-                f"the prompt is {prompt_len} tokens ({len(ids) - 1} text + {k} image), which fills the model's "
-                f"context of {max_ctx}",
-                "shorten the prompt or use a bucket with fewer visual tokens (--keep)",
-            )
-        span = next_position(len(ids), ids.index(self.prompt.image_token_id), k, self.num_patches, self.positions)
-        if span >= max_ctx:  # original positions leave gaps: the last position id counts, not the token count
-            raise VlmpruneError(
-                f"with --positions original the prompt's position ids reach {span - 1} ({self.num_patches} image "
-                f"positions), past the model's context of {max_ctx}",
-                "shorten the prompt or use --positions contiguous",
-            )
-        t0 = time.perf_counter()
-        image_embeds, kept, text_ms = self.vision(pixels, bucket, prompt)
-        t.text_encoder_ms = text_ms
-        t.vision_ms = (time.perf_counter() - t0) * 1e3 - text_ms
-        embeds, positions, next_pos = stitch(ids, self.prompt.image_token_id, self.table, image_embeds, kept,
-                                             self.num_patches, self.positions)
-        out = decode(self.decoder, self.table, embeds, positions, next_pos, max_context=max_ctx,
-                     max_new_tokens=max_new_tokens, eos=self.decoder_spec.get("eos_token_id"),
-                     decode_text=self.prompt.decode, timings=t, start=start, temperature=temperature, top_p=top_p,
-                     seed=seed, on_text=on_text, ignore_eos=ignore_eos)
-        generated, text, stop = out.tokens, out.text, out.stop
+        req = self.request(image, prompt, keep=keep, bucket=bucket)
+        st, t = req.stitched, req.timings
+        out = decode(self.decoder, self.table, st.embeds, st.positions, st.next_pos,
+                     max_context=self.decoder_spec["max_context"], max_new_tokens=max_new_tokens,
+                     eos=self.decoder_spec.get("eos_token_id"), decode_text=self.prompt.decode, timings=t,
+                     start=req.start, temperature=temperature, top_p=top_p, seed=seed,
+                     position_rank=self.position_rank, on_text=on_text, ignore_eos=ignore_eos)
         return Result(
-            text=text,
-            token_ids=generated,
-            bucket=bucket["name"],
-            keep=bucket["keep"],
-            visual_tokens_kept=k,
-            visual_tokens_total=self.num_patches,
-            prompt_tokens=prompt_len,
-            tokens_generated=len(generated),
-            stop_reason=stop,
-            kept_indices=kept[0].tolist(),
+            text=out.text,
+            token_ids=out.tokens,
+            bucket=req.bucket["name"],
+            keep=req.bucket["keep"],
+            visual_tokens_kept=len(st.kept),
+            visual_tokens_total=st.total,
+            prompt_tokens=int(st.embeds.shape[1]),
+            tokens_generated=len(out.tokens),
+            stop_reason=out.stop,
+            kept_indices=st.kept.tolist(),
             timings=t,
+            view=req.view.note,
         )

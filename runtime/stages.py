@@ -255,10 +255,15 @@ def environment_dict(env: Environment) -> dict:
 
 
 def plan_bundle(folder: str | Path, *, engines: str | None = None, provider: str | None = None,
-                positions: str = "contiguous", decoder: str = "auto", keep: float | None = None, verify: str = "quick",
+                positions: str | None = None, decoder: str = "auto", keep: float | None = None, verify: str = "quick",
                 require_gpu: bool = False, env: Environment | None = None) -> dict:
-    """``prune-run --plan``: the bundle and its engines are opened and verified like a run; no graph is loaded."""
+    """``prune-run --plan``: the bundle and its engines are opened and verified like a run; no graph is loaded.
+    ``positions`` None: the bundle's own (its family's default for its method, recorded at export)."""
+    from .family import runtime_class
+
     bundle = Bundle.open(folder, verify)
+    if positions is None:
+        positions = runtime_class(bundle.manifest).default_positions(bundle.manifest)
     derived = bundle.engines(engines) if engines is not None else None
     env = env or detect_environment()
     planner = StagePlanner(bundle.manifest, derived, env, provider=provider, positions=positions, decoder=decoder)

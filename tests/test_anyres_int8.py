@@ -27,7 +27,7 @@ SELECTION_OPS = {"TopK", "GatherElements", "CumSum", "ScatterElements", "Scatter
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("anyres-int8") / "b"
-    return export_bundle(ExportRequest(model=PRESET, method="gprune", keeps=[0.25], layouts=LAYOUTS, out=out,
+    return export_bundle(ExportRequest(model=PRESET, method="gprune", keeps=[0.25], family_options={"layouts": LAYOUTS}, out=out,
                                        validate=False, fused_decoder=False), Steps(quiet=True)).path
 
 

@@ -1,4 +1,4 @@
-"""prune-bench on a LLaVA-NeXT preset (export/bench_anyres.py through bench.run_bench): the buckets of the image's
+"""prune-bench on a LLaVA-NeXT preset (the one bench runner, with the family's bench hooks): the buckets of the image's
 own layout, one row per bucket with stage times measured by the anyres pipeline, and the LLaVA-NeXT target
 TTFT(1.0)/TTFT(0.25) computed from those rows."""
 
@@ -16,7 +16,7 @@ PRESET = "tiny-llava-next"
 
 def test_anyres_bench_rows_and_the_speedup_target(tmp_path):
     from vlmprune.export.bench import run_bench
-    from vlmprune.runtime.anyres import layout_for_image
+    from vlmprune.models.llava_next.geometry import layout_for_image
 
     spec = PRESETS[PRESET]
     image = make_sample_image()
@@ -28,7 +28,7 @@ def test_anyres_bench_rows_and_the_speedup_target(tmp_path):
                                  new_tokens=3, decoder_precisions="fp32")
     report = run_bench(args)
     rows = report["rows"]
-    assert report["layout"] == layout.name and [r["layout"] for r in rows] == [layout.name] * 2
+    assert [r["view"] for r in rows] == [f"layout {layout.name}"] * 2
     assert [(r["method"], r["keep"]) for r in rows] == [("gprune", 1.0), ("gprune", 0.25)]
     full, quarter = rows
     assert quarter["k"] < full["k"] and quarter["prompt_tokens"] - quarter["k"] == full["prompt_tokens"] - full["k"]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from preset_geometry import preset_tokens, spec_k
 from vlmprune.errors import VlmpruneError
-from vlmprune.eval import PrunedVLM
+from vlmprune.runtime.api import PrunedVLM
 from vlmprune.export.exporter import ExportRequest, export_bundle
 from vlmprune.export.progress import Steps
 from vlmprune.runtime.eval_cli import main as eval_main

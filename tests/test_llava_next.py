@@ -10,10 +10,10 @@ from PIL import Image
 
 from vlmprune.errors import VlmpruneError
 from vlmprune.models import PRESETS, load_model
-from vlmprune.models.presets import LLAVA_V16_PINPOINTS
+from vlmprune.models.llava_next import LLAVA_V16_PINPOINTS
 from vlmprune.models.registry import Capabilities, Family, RuntimeRecipe, families, family_for
 from vlmprune.prune import METHODS
-from vlmprune.runtime.anyres import AnyresPreprocessor, select_best_resolution, unpadded_span
+from vlmprune.models.llava_next.geometry import AnyresPreprocessor, select_best_resolution, unpadded_span
 from vlmprune.sample import make_sample_image
 
 
@@ -49,7 +49,7 @@ def test_method_needs_are_checked_against_capabilities():
 
 
 def test_load_model_refuses_a_method_before_loading(monkeypatch):
-    import vlmprune.models.llava_next as mod
+    import vlmprune.models.llava_next.adapter as mod
 
     crippled = Family("llava_next", "LLaVA-NeXT", "LlavaNextForConditionalGeneration", mod.FAMILY.adapter,
                       Capabilities(True, "feature", False), mod.FAMILY.recipe)
@@ -156,7 +156,7 @@ def _crop_valid(n_crops, side, cut):
 
 
 def test_gprune_on_the_unpadded_raster_is_gprune_on_the_valid_tokens():
-    from vlmprune.export.anyres_graphs import dynamic_budget, gprune_scores_masked, select_masked
+    from vlmprune.models.llava_next.graphs import dynamic_budget, gprune_scores_masked, select_masked
     from vlmprune.prune.gprune import gprune_select
 
     g = torch.Generator().manual_seed(0)
@@ -172,7 +172,7 @@ def test_gprune_on_the_unpadded_raster_is_gprune_on_the_valid_tokens():
 
 @pytest.mark.parametrize("method", ["fopru", "gridprune"])
 def test_per_crop_methods_equal_the_single_view_method_on_whole_crops(method):
-    from vlmprune.export.anyres_graphs import dynamic_budget, gridprune_crops
+    from vlmprune.models.llava_next.graphs import dynamic_budget, gridprune_crops
     from vlmprune.prune.gridprune import gridprune_from_scores
     from vlmprune.prune.select import rank_desc, topk_ascending
 
@@ -195,7 +195,7 @@ def test_per_crop_methods_equal_the_single_view_method_on_whole_crops(method):
 
 
 def test_layouts_given_twice_get_one_graph_each(nxt):
-    from vlmprune.export.anyres_export import plan_anyres
+    from vlmprune.models.llava_next.export import plan_anyres
     from vlmprune.prune import get_method
 
     spec = get_method("gprune")
@@ -207,6 +207,6 @@ def test_layouts_given_twice_get_one_graph_each(nxt):
 
 def test_layouts_from_the_config_alone_are_the_adapters(nxt):
     """prune-bench finds the image's layout from config.json, without loading the weights the export then reads."""
-    from vlmprune.models.llava_next import config_layouts
+    from vlmprune.models.llava_next.adapter import config_layouts
 
     assert config_layouts(nxt.path) == nxt.layouts

@@ -14,13 +14,14 @@ import torch
 
 from preset_geometry import spec_k
 from vlmprune.errors import VlmpruneError
-from vlmprune.export.anyres_export import validation_size
-from vlmprune.export.anyres_graphs import OUTPUTS, AnyresVisionGraph
+from vlmprune.models.llava_next.export import validation_size
+from vlmprune.models.llava_next.graphs import OUTPUTS, AnyresVisionGraph
 from vlmprune.export.exporter import ExportRequest, export_bundle
 from vlmprune.export.progress import Steps
 from vlmprune.models import load_model
 from vlmprune.runtime import viz
-from vlmprune.runtime.anyres_pipeline import AnyresPipeline, open_pipeline
+from vlmprune.models.llava_next.runtime import LlavaNextRuntime
+from vlmprune.runtime.pipeline import Pipeline, open_bundle
 from vlmprune.sample import make_sample_image
 
 PROMPT = "What is next to the red house?"
@@ -43,14 +44,14 @@ def gprune_bundle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fopru_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("next") / "fopru"
-    return export_bundle(ExportRequest(model="tiny-llava-next", method="fopru", keeps=[0.25], layouts=["2x2", "1x3"],
+    return export_bundle(ExportRequest(model="tiny-llava-next", method="fopru", keeps=[0.25], family_options={"layouts": ["2x2", "1x3"]},
                                        out=out), Steps(quiet=True)).path
 
 
 @pytest.fixture(scope="module")
 def gridprune_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("next") / "gridprune"
-    return export_bundle(ExportRequest(model="tiny-llava-next", method="gridprune", keeps=[0.25], layouts=["2x1"],
+    return export_bundle(ExportRequest(model="tiny-llava-next", method="gridprune", keeps=[0.25], family_options={"layouts": ["2x1"]},
                                        out=out), Steps(quiet=True)).path
 
 
@@ -89,8 +90,8 @@ def _greedy(nxt, embeds, positions, steps=TOKENS + 8):
 
 
 def test_manifest_records_views_layouts_and_parts(nxt, gprune_bundle):
-    pipe = open_pipeline(gprune_bundle)
-    assert isinstance(pipe, AnyresPipeline)
+    pipe = open_bundle(gprune_bundle)
+    assert isinstance(pipe.family, LlavaNextRuntime)
     m = pipe.manifest
     assert [v["name"] for v in m["vision"]["views"]] == ["base", "crop"]
     assert [lay["name"] for lay in m["vision"]["layouts"]] == [lay.name for lay in nxt.layouts]
@@ -107,7 +108,7 @@ def test_manifest_records_views_layouts_and_parts(nxt, gprune_bundle):
 
 
 def test_a_missing_layout_is_one_line(tmp_path, fopru_bundle):
-    pipe = AnyresPipeline(fopru_bundle)
+    pipe = Pipeline(fopru_bundle)
     with pytest.raises(VlmpruneError, match="needs layout 1x2.*only for 1x3, 2x2"):
         pipe.generate(make_sample_image(800, 400), PROMPT, max_new_tokens=2)
 
@@ -117,17 +118,17 @@ def test_a_missing_layout_is_one_line(tmp_path, fopru_bundle):
 
 @pytest.mark.parametrize("layout", ["1x2", "2x1", "2x2", "3x1", "1x3"])
 def test_unpruned_greedy_output_equals_transformers_generate(nxt, gprune_bundle, layout):
-    pipe = AnyresPipeline(gprune_bundle)
+    pipe = Pipeline(gprune_bundle)
     image = _image_for(nxt, layout)
     req = pipe.request(image, PROMPT, keep=1.0)
-    assert req["layout"].name == layout and req["bucket"]["name"].startswith(f"none-{layout}-")
+    assert req.view.info["layout"].name == layout and req.bucket["name"].startswith(f"none-{layout}-")
     rendered = pipe.prompt.render(PROMPT)
     inputs, feats = _transformers_inputs(nxt, image, rendered)
     ids = inputs["input_ids"]
-    assert int((ids == nxt.text.image_token_id).sum()) == feats.shape[0] == req["total"] == len(req["offsets"])
+    assert int((ids == nxt.text.image_token_id).sum()) == feats.shape[0] == req.stitched.total == len(req.stitched.kept)
     theirs_embeds = nxt.model.get_input_embeddings()(ids)[0]
     theirs_embeds[ids[0] == nxt.text.image_token_id] = feats
-    diff = float((torch.from_numpy(req["embeds"][0]) - theirs_embeds).abs().max())
+    diff = float((torch.from_numpy(req.stitched.embeds[0]) - theirs_embeds).abs().max())
     assert diff < 1e-4, diff  # the stitched sequence is transformers' own, token for token
     ours = pipe.generate(image, PROMPT, keep=1.0, max_new_tokens=TOKENS)
     out = nxt.model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False)
@@ -165,17 +166,17 @@ def _kept_tags(nxt, layout, out):
 def test_pruned_greedy_output_equals_the_model_fed_the_same_kept_features(nxt, gprune_bundle, fopru_bundle,
                                                                           gridprune_bundle, method, layout, positions):
     bundle = {"gprune": gprune_bundle, "fopru": fopru_bundle, "gridprune": gridprune_bundle}[method]
-    pipe = AnyresPipeline(bundle, positions=positions)
+    pipe = Pipeline(bundle, positions=positions)
     assert pipe.positions == (positions or {"gprune": "original"}.get(method, "contiguous"))
     image = _image_for(nxt, layout)
     req = pipe.request(image, PROMPT, keep=0.25)
-    lay, out = req["layout"], req["outputs"]
-    assert req["bucket"]["method"] == method and lay.name == layout
+    lay, out = req.view.info["layout"], req.outputs
+    assert req.bucket["method"] == method and lay.name == layout
     # fp32 kept indices: the ONNX graph's are the PyTorch module's
     graph = AnyresVisionGraph(nxt, lay, method, 0.25, pipe.manifest["method"]["options"]).eval()
-    mask = torch.from_numpy(lay.valid_mask(req["size_hw"]).astype(np.float32))
+    mask = torch.from_numpy(lay.valid_mask(req.view.info["size_hw"]).astype(np.float32))
     text = (torch.from_numpy(pipe.text_embeds(PROMPT)),) if method == "gridprune" else ()  # the runtime's own
-    ref = dict(zip(OUTPUTS, (t.numpy() for t in graph(torch.from_numpy(req["pixels"]), mask, *text))))
+    ref = dict(zip(OUTPUTS, (t.numpy() for t in graph(torch.from_numpy(req.view.values["pixel_values"]), mask, *text))))
     count = int(ref["raster_count"][0])
     assert count == int(out["raster_count"][0]) and count < mask.sum() / 3
     assert np.array_equal(ref["base_indices"], out["base_indices"])
@@ -183,11 +184,11 @@ def test_pruned_greedy_output_equals_the_model_fed_the_same_kept_features(nxt, g
     # the reference sequence: transformers' unpruned packed features, filtered to the kept tokens
     rendered = pipe.prompt.render(PROMPT)
     _, feats = _transformers_inputs(nxt, image, rendered)
-    tags = _packed_tags(nxt, lay, req["size_hw"])
+    tags = _packed_tags(nxt, lay, req.view.info["size_hw"])
     keep = torch.tensor([int(t) in _kept_tags(nxt, lay, out) for t in tags])
     offsets = torch.nonzero(keep)[:, 0]
-    assert offsets.tolist() == req["offsets"].tolist()
-    ids = req["ids"]
+    assert offsets.tolist() == req.stitched.kept.tolist()
+    ids = req.ids
     where = ids.index(nxt.text.image_token_id)
     table = nxt.embedding_table()
     embeds = torch.cat([table[ids[:where]], feats[offsets], table[ids[where + 1:]]])[None]
@@ -196,8 +197,8 @@ def test_pruned_greedy_output_equals_the_model_fed_the_same_kept_features(nxt, g
         pos = torch.cat([torch.arange(where), where + offsets, where + len(tags) + torch.arange(after)])
     else:
         pos = torch.arange(embeds.shape[1])
-    assert torch.equal(torch.from_numpy(req["positions"][0]), pos)
-    assert float((torch.from_numpy(req["embeds"][0]) - embeds[0]).abs().max()) < 1e-4
+    assert torch.equal(torch.from_numpy(req.stitched.positions[0]), pos)
+    assert float((torch.from_numpy(req.stitched.embeds[0]) - embeds[0]).abs().max()) < 1e-4
     theirs = _greedy(nxt, embeds, pos)
     ours = pipe.generate(image, PROMPT, keep=0.25, max_new_tokens=TOKENS)
     assert len(theirs) >= TOKENS
@@ -212,9 +213,9 @@ def test_anyres_runtime_needs_neither_torch_nor_transformers(gprune_bundle):
                 if name.split(".")[0] in ("torch", "transformers", "torchvision"):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
-        from vlmprune.runtime.anyres_pipeline import open_pipeline
+        from vlmprune.runtime.pipeline import open_bundle
         from vlmprune.sample import make_sample_image
-        pipe = open_pipeline({str(gprune_bundle)!r})
+        pipe = open_bundle({str(gprune_bundle)!r})
         r = pipe.generate(make_sample_image(900, 300), "hi", keep=0.25, max_new_tokens=3)
         assert r.bucket.startswith("gprune-1x3-"), r.bucket
         assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)

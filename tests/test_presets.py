@@ -22,7 +22,9 @@ def adapter(request):
 
 def test_preset_loads_through_its_family(adapter):
     spec = PRESETS[adapter.source]
-    family = families()[spec.family]
+    from vlmprune.models.registry import family_of_preset
+
+    family = family_of_preset(spec.name)
     assert adapter.family is family and adapter.arch == family.model_type
     assert type(adapter.model).__name__ == family.transformers_class
     assert adapter.preprocessing.kind == family.recipe.preprocess
@@ -57,7 +59,7 @@ def test_pieces_reproduce_the_library_forward(adapter):
 
 
 def test_runtime_preprocessing_reproduces_the_processor(adapter):
-    from vlmprune.runtime.anyres import AnyresPreprocessor
+    from vlmprune.models.llava_next.geometry import AnyresPreprocessor
     from vlmprune.runtime.preprocess import Preprocessor
 
     image = make_sample_image(517, 263)
@@ -67,7 +69,7 @@ def test_runtime_preprocessing_reproduces_the_processor(adapter):
         ours, _, layout = AnyresPreprocessor(constants, adapter.vision.views[0].grid[0])(image)
         theirs = theirs[0][: layout.num_views]
     elif adapter.preprocessing.kind == "qwen2_vl":  # at the bucket the processor itself picks for this image
-        from vlmprune.runtime.qwen_preprocess import QwenPreprocessor, smart_resize
+        from vlmprune.models.qwen2_5_vl.preprocess import QwenPreprocessor, smart_resize
 
         ip = adapter.processor.image_processor
         adapter.set_image_size(smart_resize(263, 517, 28, ip.size["shortest_edge"], ip.size["longest_edge"]))

@@ -65,7 +65,7 @@ def test_preset_geometry(qwen):
                       "<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(VlmpruneError, match="multiple of 28"):
         qwen.set_image_size((448, 450))
-    from vlmprune.models.qwen2_5_vl import parse_image_size
+    from vlmprune.models.qwen2_5_vl.adapter import parse_image_size
 
     assert parse_image_size("448x448") == (448, 448) and parse_image_size("476X364") == (476, 364)
     assert parse_image_size("560") == (560, 560)
@@ -91,7 +91,7 @@ def test_static_encoder_matches_transformers(qwen, size):
 # (image width, height): the bucket is the processor's own smart_resize of the image, so both resize alike
 @pytest.mark.parametrize("wh", [(448, 448), (517, 263), (640, 480), (300, 900), (61, 97), (1500, 1100)])
 def test_runtime_preprocessing_matches_the_processor(qwen, wh):
-    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor, smart_resize
+    from vlmprune.models.qwen2_5_vl.preprocess import QwenPreprocessor, smart_resize
 
     ip = qwen.processor.image_processor
     image = make_sample_image(*wh)
@@ -105,7 +105,7 @@ def test_runtime_preprocessing_matches_the_processor(qwen, wh):
 
 
 def test_runtime_preprocessing_modes(qwen):
-    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor
+    from vlmprune.models.qwen2_5_vl.preprocess import QwenPreprocessor
 
     qwen.set_image_size((448, 448))
     pre = QwenPreprocessor(qwen.preprocessing.to_dict())
@@ -186,9 +186,9 @@ def test_gridprune_follows_the_spec(qwen):
     resampled onto the merged grid, saliency from the library's attention; zones and budgets as on LLaVA."""
     import torch.nn.functional as F
 
-    from vlmprune.export.qwen_graphs import QwenVisionGraph
+    from vlmprune.models.qwen2_5_vl.graphs import QwenVisionGraph
     from vlmprune.prune.gridprune import gridprune_from_scores
-    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor, clip_view
+    from vlmprune.models.qwen2_5_vl.preprocess import QwenPreprocessor, clip_view
 
     qwen.set_image_size((448, 448))
     image = make_sample_image(640, 480)
@@ -217,10 +217,10 @@ def test_gridprune_follows_the_spec(qwen):
 def test_methods_follow_the_spec_on_the_library_forward(qwen, size):
     import torch.nn.functional as F
 
-    from vlmprune.export.qwen_graphs import QwenVisionGraph
+    from vlmprune.models.qwen2_5_vl.graphs import QwenVisionGraph
     from vlmprune.prune.gprune import gprune_select
     from vlmprune.prune.select import topk_ascending
-    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor
+    from vlmprune.models.qwen2_5_vl.preprocess import QwenPreprocessor
 
     qwen.set_image_size(size)
     pv = torch.from_numpy(QwenPreprocessor(qwen.preprocessing.to_dict())(make_sample_image(640, 480)))
@@ -252,7 +252,7 @@ def test_vision_graphs_export_lint_clean_and_match_pytorch(qwen, tmp_path):
     import types
 
     from vlmprune.export.progress import Steps
-    from vlmprune.export.qwen_export import export_qwen_vision, plan_qwen
+    from vlmprune.models.qwen2_5_vl.export import export_qwen_vision, plan_qwen
     from vlmprune.export.targets import get_target
     from vlmprune.prune import get_method
 
@@ -299,7 +299,7 @@ def qwen_bundle(qwen, tmp_path_factory):
     qwen.set_image_size((448, 448))
     out = tmp_path_factory.mktemp("qwen") / "bundle"
     result = export_bundle(ExportRequest(model=PRESET, method="gridprune", keeps=[0.25], out=out,
-                                         image_sizes=[(448, 448)]), Steps(quiet=True))
+                                         family_options={"image_sizes": [(448, 448)]}), Steps(quiet=True))
     v = result.validation
     assert v["passed"] and v["decoder"]["greedy_identical_prefix"] == 32
     assert [c["indices_equal"] for c in v["checks"] if c["output"] == "kept_indices"] == [True] * 4
@@ -325,8 +325,8 @@ def _rope_index(qwen, inputs):
 
 
 def test_prompt_positions_follow_get_rope_index(qwen, qwen_bundle):
-    from vlmprune.runtime.anyres_pipeline import open_pipeline
-    from vlmprune.runtime.qwen_positions import prompt_positions
+    from vlmprune.runtime.pipeline import open_bundle as open_pipeline
+    from vlmprune.models.qwen2_5_vl.positions import prompt_positions
 
     pipe = open_pipeline(qwen_bundle)
     inputs = _library_inputs(qwen, make_sample_image(448, 448))
@@ -357,13 +357,13 @@ def test_prompt_positions_follow_get_rope_index(qwen, qwen_bundle):
 def _runtime_logits(pipe, image, tokens):
     """The bundle runtime's logits at every step of a token path, from its own pieces (preprocessing, the none
     bucket's graph, the M-RoPE stitch, the decoder with its cache)."""
-    from vlmprune.runtime.qwen_positions import stitch_qwen
+    from vlmprune.models.qwen2_5_vl.positions import stitch_qwen
 
     bucket = next(b for b in pipe.manifest["vision"]["buckets"] if b["method"] == "none")
-    out = pipe.vision_backend(bucket).run({"pixel_values": pipe.qwen_preprocess(image)})
+    out = pipe.vision_backend(bucket).run({"pixel_values": pipe.preprocess(image)})
     ids = pipe.prompt.encode(PROMPT)
     embeds, pos, nxt = stitch_qwen(ids, pipe.prompt.image_token_id, pipe.table, out["image_embeds"],
-                                   out["kept_indices"][0], pipe.grid, pipe.positions)
+                                   out["kept_indices"][0], pipe.family.grid, pipe.positions)
     pipe.decoder.reset()
     rows = [np.array(pipe.decoder.step(embeds, pos), np.float32)]
     for i, token in enumerate(tokens[:-1]):
@@ -377,7 +377,7 @@ def test_keep_all_equals_generate(qwen, qwen_bundle):
     step within 1e-4 of its largest (the tiny random decoder's greedy path alone could hide a wrong image)."""
     from transformers import GenerationConfig
 
-    from vlmprune.runtime.anyres_pipeline import open_pipeline
+    from vlmprune.runtime.pipeline import open_bundle as open_pipeline
 
     image = make_sample_image(448, 448)
     pipe = open_pipeline(qwen_bundle)
@@ -416,10 +416,10 @@ def test_pruned_equals_a_library_loop_fed_the_same_tokens_and_positions(qwen, qw
     """GridPrune keep 0.25 (the auxiliary CLIP's view and text encoder run by the runtime): the kept indices are the
     PyTorch module's, the runtime's M-RoPE positions are those derived from get_rope_index, and its greedy tokens
     are those of a transformers loop fed the same kept features at those positions."""
-    from vlmprune.export.qwen_graphs import QwenVisionGraph
-    from vlmprune.runtime.qwen_bundle import QwenBundlePipeline
-    from vlmprune.runtime.qwen_positions import prompt_positions
-    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor, clip_view
+    from vlmprune.models.qwen2_5_vl.graphs import QwenVisionGraph
+    from vlmprune.runtime.pipeline import Pipeline as QwenBundlePipeline
+    from vlmprune.models.qwen2_5_vl.positions import prompt_positions
+    from vlmprune.models.qwen2_5_vl.preprocess import QwenPreprocessor, clip_view
 
     qwen.set_image_size((448, 448))
     image = make_sample_image(448, 448)
@@ -442,7 +442,7 @@ def test_pruned_equals_a_library_loop_fed_the_same_tokens_and_positions(qwen, qw
     if mode == "contiguous":  # the text after the image follows the kept tokens' largest position
         after = positions[:, :, where + 64:]
         positions[:, :, where + 64:] = after - after.min() + positions[:, :, where:where + 64].max() + 1
-    runtime_pos, _ = prompt_positions(pipe.prompt.encode(PROMPT), pipe.prompt.image_token_id, pipe.grid,
+    runtime_pos, _ = prompt_positions(pipe.prompt.encode(PROMPT), pipe.prompt.image_token_id, pipe.family.grid,
                                       np.array(ours.kept_indices), mode)
     np.testing.assert_array_equal(runtime_pos, positions[:, 0].numpy())
     table = qwen.model.get_input_embeddings().weight
@@ -452,17 +452,10 @@ def test_pruned_equals_a_library_loop_fed_the_same_tokens_and_positions(qwen, qw
 
 
 def test_pipeline_refuses_bad_requests_in_one_line(qwen_bundle):
-    from vlmprune.runtime.qwen_bundle import QwenBundlePipeline
+    from vlmprune.runtime.pipeline import Pipeline as QwenBundlePipeline
 
     with pytest.raises(VlmpruneError, match="unknown positions mode 'gapped'"):
         QwenBundlePipeline(qwen_bundle, positions="gapped")
-    with pytest.raises(VlmpruneError, match="TensorRT engines for Qwen2.5-VL bundles"):
-        QwenBundlePipeline(qwen_bundle, engines="trt10-fp16")
-    from vlmprune.calibrate.data import load_calibration_images
-
-    m = QwenBundlePipeline(qwen_bundle).manifest
-    with pytest.raises(VlmpruneError, match="INT8 calibration of bundles with 'qwen2_vl' preprocessing"):
-        load_calibration_images(qwen_bundle, m["preprocessing"], 4)
     pipe = QwenBundlePipeline(qwen_bundle)
     with pytest.raises(VlmpruneError, match="2 image placeholders"):
         pipe.generate(make_sample_image(300, 200), "<|image_pad|> and <|image_pad|>?", keep=0.25)
@@ -537,7 +530,7 @@ def test_published_checkpoint_layout_loads_and_matches_generate(tmp_path):
     from vlmprune.export.progress import Steps
     from vlmprune.models import ensure_preset, load_model
     from vlmprune.models.loading import checkpoint_dtype
-    from vlmprune.runtime.anyres_pipeline import open_pipeline
+    from vlmprune.runtime.pipeline import open_bundle as open_pipeline
 
     folder = _legacy_checkpoint(ensure_preset(PRESET), tmp_path / "Qwen2.5-VL-tiny")
     assert checkpoint_dtype(folder) == "BF16"
@@ -559,9 +552,9 @@ def test_prune_run_cli_on_the_bundle(qwen, qwen_bundle, capsys):
     and the timing line."""
     import json
 
-    from vlmprune.runtime.anyres_pipeline import open_pipeline
+    from vlmprune.runtime.pipeline import open_bundle as open_pipeline
     from vlmprune.runtime.cli import run_main
-    from vlmprune.runtime.qwen_bundle import QwenBundlePipeline
+    from vlmprune.runtime.pipeline import Pipeline as QwenBundlePipeline
 
     m = json.loads((qwen_bundle / "manifest.json").read_text())
     assert m["model"]["family"]["model_type"] == "qwen2_5_vl" and m["preprocessing"]["kind"] == "qwen2_vl"
@@ -583,7 +576,7 @@ def test_prune_viz_draws_the_merged_grid(qwen_bundle, tmp_path):
     merged tokens of prune-run's own selection boxed on the 16 x 16 grid."""
     from PIL import Image
 
-    from vlmprune.runtime.anyres_pipeline import open_pipeline
+    from vlmprune.runtime.pipeline import open_bundle as open_pipeline
     from vlmprune.runtime.cli import viz_main
 
     out = tmp_path / "kept.png"
@@ -595,9 +588,9 @@ def test_prune_viz_draws_the_merged_grid(qwen_bundle, tmp_path):
     pipe = open_pipeline(qwen_bundle)
     bucket = next(b for b in pipe.manifest["vision"]["buckets"] if b["method"] == "gridprune")
     image = make_sample_image()
-    _, kept, _ = pipe.vision(pipe.preprocess(image), bucket, PROMPT)  # the generic callers' path
-    assert kept[0].tolist() == pipe.generate(image, PROMPT, bucket=bucket, max_new_tokens=1).kept_indices
-    assert pipe.preprocess.crop_box((640, 480)) == (0.0, 0.0, 640.0, 480.0)
+    kept = pipe.request(image, PROMPT, bucket=bucket).stitched.kept  # the generic callers' path
+    assert kept.tolist() == pipe.generate(image, PROMPT, bucket=bucket, max_new_tokens=1).kept_indices
+    assert pipe.family.model_view(image).size == image.size  # the whole image, no crop
 
 
 def test_prune_eval_runs_the_bundle(qwen_bundle, tmp_path):

@@ -114,8 +114,7 @@ def test_prune_viz_picture_read_back_per_patch_equals_the_kept_indices(bundles, 
     pipe = Pipeline(bundles["fopru"])
     image = make_sample_image()
     bucket, _ = pipe.choose_bucket(0.25)
-    _, kept, _ = pipe.vision(pipe.preprocess(image), bucket, "Describe the image.")
-    kept = set(kept[0].tolist())
+    kept = set(pipe.request(image, "Describe the image.", bucket=bucket).stitched.kept.tolist())
     view = np.asarray(viz.model_view(image, pipe.preprocess))
     x0, y0 = viz.image_origin(0, 0)
     cells = sheet[y0:y0 + viz.PANEL, x0:x0 + viz.PANEL]

@@ -16,6 +16,10 @@ are read by ``upgrade_v1``.
 Version 3 gives every graph input and output a ``kind`` (and KV-cache entries a ``layer``), which the runtime finds
 tensors by (``vlmprune.graph_io``); versions 1 and 2 are read by ``upgrade_v2``, which gives their entries the kinds
 of the fixed names those versions wrote.
+
+Version 4 names the bundle's model ``family`` (its folder under ``models/``), which the runtime picks the family's
+hooks by, once; older manifests get it from the family declaration they recorded under ``model.family`` (or, with
+none, from the family whose runtime claims their layout).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .graph_io import (DECODER_INPUTS, DECODER_OUTPUTS, FLOAT_DTYPES, FORM, INT_
                        TEXT_INPUTS, TEXT_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, add_legacy_kinds)
 from .integrity import check_relpath
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MANIFEST = "manifest.json"
 FIX = "re-export the bundle with `prune-export`"
 PATH_KEYS = ("file", "weights", "tokenizer", "files")
@@ -238,6 +242,7 @@ FUSED_DECODER = Obj({
 
 MANIFEST_SCHEMA = Obj({
     "schema_version": Int(1, SCHEMA_VERSION),
+    "family": Str(min_len=1, max_len=64),
     "created_by": Obj({"vlmprune": Str(min_len=1, max_len=64)}),
     "created_at": Str(max_len=64),
     "model": Map(),
@@ -274,7 +279,7 @@ MANIFEST_SCHEMA = Obj({
     "decoder_fused": Opt(FUSED_DECODER),
     "lint": Opt(Map()),
     "validation": Opt(Obj({"file": Path_(), "passed": Bool(), "checks": Int(0, 1 << 31)})),
-}, optional=("created_at", "model", "target", "opset", "precision", "decoder_fused", "lint", "validation"))
+}, optional=("family", "created_at", "model", "target", "opset", "precision", "decoder_fused", "lint", "validation"))
 
 
 # --- cross-field rules ------------------------------------------------------------------------------------------------
@@ -536,12 +541,19 @@ INT8_META = Obj({
 
 
 def upgrade_v2(manifest: dict) -> dict:
-    """A version 1 or 2 manifest (version 1 after ``upgrade_v1``) read as version 3: its graphs' entries get the
-    kinds of the fixed names those versions wrote, and the family's fp32 scopes move to ``vision.fp32_scopes``. A
-    copy; the file is not touched (its checksum stays valid)."""
+    """A version 1 to 3 manifest (version 1 after ``upgrade_v1``) read as the current version: a version 1 or 2
+    graph's entries get the kinds of the fixed names those versions wrote, and the family's fp32 scopes move to
+    ``vision.fp32_scopes``; the family key comes from the recorded declaration where there is one. A copy; the file
+    is not touched (its checksum stays valid)."""
     import copy
 
     m = copy.deepcopy(manifest)
+    recorded = (m.get("model") or {}).get("family") if isinstance(m.get("model"), dict) else None
+    if "family" not in m and isinstance(recorded, dict) and isinstance(recorded.get("model_type"), str):
+        m["family"] = recorded.get("key") or recorded["model_type"]
+    if type(m.get("schema_version")) is int and m["schema_version"] >= 3:  # kinds recorded already
+        m["schema_version"] = SCHEMA_VERSION
+        return m
     vision = m.get("vision")
     buckets = vision.get("buckets") if isinstance(vision, dict) else None
     graphs = [*(buckets if isinstance(buckets, list) else []), m.get("text_encoder"), m.get("decoder"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .decoder import DecoderGraph
+from vlmprune.export.decoder import DecoderGraph
 
 
 class QwenDecoderGraph(DecoderGraph):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .anyres import Layout, unpadded_span
+from vlmprune.models.llava_next.geometry import Layout, unpadded_span
 
 POSITION_MODES = ("contiguous", "original")
 

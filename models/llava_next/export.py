@@ -15,17 +15,14 @@ import numpy as np
 import torch
 
 from vlmprune.errors import VlmpruneError
-from vlmprune.runtime.anyres import Layout, layout_for_image
+from vlmprune.models.llava_next.geometry import Layout, layout_for_image
 
-from .anyres_graphs import OUTPUTS, AnyresVisionGraph, check_method, part_budgets
-from .onnx_io import WeightsFile, export_onnx, has_external_data
-from .precision import fp16_vision
-from .progress import Steps
-from .validate import TOLERANCE, Check, _compare, _indices, _session
-
-# The authors' code: G-Prune keeps original positions (gaps); FoPru's lab numbers the kept tokens contiguously.
-DEFAULT_POSITIONS = {"gprune": "original"}
-
+from vlmprune.models.llava_next.graphs import OUTPUTS, AnyresVisionGraph, check_method, part_budgets
+from vlmprune.export.onnx_io import WeightsFile, export_onnx, has_external_data
+from vlmprune.export.precision import fp16_vision
+from vlmprune.export.progress import Steps
+from vlmprune.export.family import FamilyExport
+from vlmprune.export.validate import TOLERANCE, Check, _compare, _indices, _session
 
 @dataclass(frozen=True)
 class AnyresBucket:
@@ -82,7 +79,7 @@ def validation_size(layout: Layout, pinpoints) -> tuple[int, int]:
 
 
 def validation_cases(adapter, layout: Layout, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from vlmprune.runtime.anyres import AnyresPreprocessor
+    from vlmprune.models.llava_next.geometry import AnyresPreprocessor
     from vlmprune.sample import make_sample_image
 
     pre = adapter.preprocessing
@@ -115,7 +112,7 @@ def _check(file: str, case: str, ref: list[np.ndarray], got: list[np.ndarray], p
 def export_anyres_vision(req, adapter, buckets: list[AnyresBucket], target, needs_text, text_embeds, tmp: Path,
                          scratch: Path, steps: Steps, checks: list) -> tuple[list[dict], dict]:
     """One graph per (layout, keep) bucket, all sharing ``vision.weights``; each validated as soon as it is written."""
-    from .exporter import _finish_graph, _fold
+    from vlmprune.export.exporter import _finish_graph, _fold
 
     records, lint = [], {}
     s = adapter.vision.views[0].image_size
@@ -176,5 +173,52 @@ def anyres_manifest(manifest: dict, adapter, spec, tmp: Path) -> None:
                           "num_views": lay.num_views, "raster": list(lay.raster)} for lay in adapter.layouts]
     prompt = manifest["prompt"]
     prompt["stitch"] = "anyres_raster"
-    prompt["positions"] = DEFAULT_POSITIONS.get(spec.name, "contiguous")
     prompt["image_newline"] = {"file": "image_newline.npy", "shape": list(newline.shape), "dtype": "float32"}
+
+
+class LlavaNextExport(FamilyExport):
+    """Buckets per pinpoint layout and keep ratio, their anyres graphs, the layouts and newline in the manifest."""
+
+    def plan(self, spec, options, adapter, keeps, tokens, family_options):
+        return plan_anyres(spec, options, adapter, keeps, tokens, family_options.get("layouts"))
+
+    def export_vision(self, req, adapter, buckets, target, needs_text, text_embeds, tmp, scratch, steps, checks):
+        return export_anyres_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp, scratch, steps,
+                                    checks)
+
+    def manifest_extras(self, manifest, adapter, spec, tmp):
+        anyres_manifest(manifest, adapter, spec, tmp)
+
+    def bench_export_options(self, model, image):
+        """Only the image's own pinpoint layout is exported and timed (the pinpoints read from config.json)."""
+        from vlmprune.models.llava_next.adapter import config_layouts
+        from vlmprune.models.llava_next.geometry import layout_for_image
+        from vlmprune.models.loading import resolve_path
+
+        layouts = config_layouts(resolve_path(model))
+        if not layouts:
+            from vlmprune.models import load_model
+
+            layouts = load_model(model).layouts  # a config that does not state them: as the adapter derives them
+        w, h = image.size
+        first = layouts[0]
+        layout = layout_for_image((h, w), [lay.pinpoint for lay in layouts], first.view, first.side)
+        self.layout = layout
+        return ({"layouts": [layout.name]},
+                f"image {w}x{h}: pinpoint {list(layout.pinpoint)}, layout {layout.name} ({layout.num_views} views)")
+
+    def bench_targets(self, rows):
+        """LLaVA-NeXT's target: TTFT(keep 1.0) / TTFT(keep 0.25) >= 3 per method."""
+        by = {(r["method"], r["keep"]): r for r in rows}
+        out = []
+        for method in dict.fromkeys(r["method"] for r in rows):
+            full, quarter = by.get((method, 1.0)), by.get((method, 0.25))
+            if full and quarter:
+                value = full["ttft_ms"] / quarter["ttft_ms"]
+                out.append({"target": f"TTFT(1.0)/TTFT(0.25) {method}, LLaVA-NeXT {full.get('view', '')}".rstrip(),
+                            "goal": f">= {TTFT_SPEEDUP_AT_025:g}", "measured": round(value, 3),
+                            "met": bool(value >= TTFT_SPEEDUP_AT_025)})
+        return out
+
+
+TTFT_SPEEDUP_AT_025 = 3.0

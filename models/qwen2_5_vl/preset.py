@@ -25,8 +25,8 @@ def write_qwen_preset(spec, folder: Path) -> None:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from .presets import _init_weights
-    from .qwen2_5_vl import qwen_processor, save_processor
+    from vlmprune.models.presets import init_weights
+    from vlmprune.models.qwen2_5_vl.adapter import qwen_processor, save_processor
 
     processor, ids, vocab = qwen_processor(spec.max_context)
     head_dim = spec.text_hidden // spec.text_heads
@@ -69,14 +69,14 @@ def write_qwen_preset(spec, folder: Path) -> None:
     )
     torch.manual_seed(spec.seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    _init_weights(model, spec.seed)
+    init_weights(model, spec.seed)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.bos_token_id = None
     model.save_pretrained(folder, safe_serialization=True)
     save_processor(processor, folder)
     write_auxiliary_clip(spec, folder / "clip", vocab_seed=spec.seed + 1)
-    from .presets import PRESET_VERSION
+    from vlmprune.models.presets import PRESET_VERSION
 
     (folder / "VLMPRUNE_PRESET").write_text(f"{spec.name} v{PRESET_VERSION} seed {spec.seed}\n")
 
@@ -88,8 +88,8 @@ def write_auxiliary_clip(spec, folder: Path, vocab_seed: int) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
     from transformers import PreTrainedTokenizerFast
 
-    from .presets import _init_weights
-    from .tiny_tokenizer import build_tokenizer
+    from vlmprune.models.presets import init_weights
+    from vlmprune.models.tiny_tokenizer import build_tokenizer
 
     raw = build_tokenizer()
     ids = {t: raw.token_to_id(t) for t in ("<s>", "</s>", "<pad>")}
@@ -102,7 +102,7 @@ def write_auxiliary_clip(spec, folder: Path, vocab_seed: int) -> None:
                               hidden_act="quick_gelu")
     clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
                                 projection_dim=spec.clip_projection)).eval()
-    _init_weights(clip, vocab_seed)
+    init_weights(clip, vocab_seed)
     clip.save_pretrained(folder, safe_serialization=True)
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token="<pad>", model_max_length=77)

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.models.qwen2_5_vl.preprocess import parse_image_size  # noqa: F401  (the adapter's sizes)
 
-from .adapter import ClipText, Preprocessing, TextSpec, ViewSpec, VisionSpec, VLMAdapter
-from .registry import Capabilities, DecoderIO, Family, RuntimeRecipe
+from vlmprune.models.adapter import ClipText, Preprocessing, TextSpec, ViewSpec, VisionSpec, VLMAdapter
 
 DEFAULT_IMAGE_SIZE = (448, 448)
 
@@ -31,20 +31,6 @@ class QwenPreprocessing(Preprocessing):
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
-
-
-def parse_image_size(text: str) -> tuple[int, int]:
-    """``HxW`` (or one number for a square) -> (height, width), each a positive multiple of 28."""
-    try:
-        parts = [int(p) for p in str(text).lower().replace("*", "x").split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 28 or any(p % 28 for p in parts) or max(parts) > 4032:
-        raise VlmpruneError(f"image size {text!r} is not HxW with each side a multiple of 28 in 28..4032",
-                            "give e.g. --image-size 448x448 (Qwen2.5-VL: patch 14 x merge 2)")
-    return parts[0], parts[1]
 
 
 class QwenAdapter(VLMAdapter):
@@ -141,7 +127,7 @@ class QwenAdapter(VLMAdapter):
 
     def static(self):
         """The encoder at the current image size (``QwenVisionStatic``), built once per size."""
-        from .qwen_vision import QwenVisionStatic
+        from vlmprune.models.qwen2_5_vl.vision import QwenVisionStatic
 
         if self.patch_grid not in self._static:
             self._static[self.patch_grid] = QwenVisionStatic(self.visual, self.patch_grid)
@@ -206,7 +192,7 @@ class QwenAdapter(VLMAdapter):
     def clip_constants(self) -> dict:
         """The runtime's auxiliary-CLIP preprocessing (``runtime.qwen_preprocess.clip_view``), from the CLIP folder's
         image processor when it has one, else OpenAI CLIP's constants."""
-        from .llava import _PIL_FILTERS
+        from vlmprune.models.llava.adapter import _PIL_FILTERS
 
         constants = {"size": self.clip_image_size, "resample": "bicubic", "rescale_factor": 1 / 255,
                      "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
@@ -225,7 +211,7 @@ class QwenAdapter(VLMAdapter):
         projection, as GridPrune's relevance on LLaVA) and the L2-normalised prompt embedding."""
         from vlmprune.prune.select import l2_normalize
 
-        from .llava import _layer_out
+        from vlmprune.models.llava.adapter import _layer_out
 
         clip = self._need_clip().model
         tower = clip.vision_model
@@ -278,7 +264,7 @@ def qwen_processor(max_context: int, min_pixels: int = 56 * 56, max_pixels: int 
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from .qwen_tokenizer import QWEN_CHAT_TEMPLATE, SPECIAL_TOKENS, build_qwen_tokenizer
+    from vlmprune.models.qwen2_5_vl.tokenizer import QWEN_CHAT_TEMPLATE, SPECIAL_TOKENS, build_qwen_tokenizer
 
     raw = build_qwen_tokenizer()
     ids = {t: raw.token_to_id(t) for t in SPECIAL_TOKENS}
@@ -343,21 +329,3 @@ def save_processor(processor, folder: Path) -> None:
     processor.image_processor.save_pretrained(folder)
     processor.tokenizer.save_pretrained(folder)
     (Path(folder) / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
-
-
-FAMILY = Family(
-    model_type="qwen2_5_vl",
-    name="Qwen2.5-VL",
-    transformers_class="Qwen2_5_VLForConditionalGeneration",
-    adapter="vlmprune.models.qwen2_5_vl:QwenAdapter",
-    # FoPru and GridPrune's saliency read the last full-attention block ("last_full_attention"); no CLS, and
-    # GridPrune's relevance comes from an auxiliary CLIP (--clip), not from the encoder's own space.
-    capabilities=Capabilities(has_cls=False, global_attention_layer="last_full_attention", clip_joint_space=False,
-                              auxiliary_clip=True),
-    recipe=RuntimeRecipe(preprocess="qwen2_vl", layout="single_view", positions="mrope"),
-    # The pruning subgraph, and every RMSNorm (Qwen's norms upcast to fp32 in transformers too).
-    fp32_scopes=(r"(^|/)method/", r"norm|ln_q|RMSNorm|SimplifiedLayerNormalization"),
-    decoder_io=DecoderIO(position_rank=3),
-    vision_modules=("model.visual",),
-    processor_loader="vlmprune.models.qwen2_5_vl:load_processor",
-)

@@ -13,10 +13,11 @@ from torch import nn
 
 from vlmprune.errors import VlmpruneError
 
-from .buckets import Bucket, plan_buckets
-from .onnx_io import WeightsFile
-from .progress import Steps
-from .validate import TOLERANCE, _compare, _indices, _session
+from vlmprune.export.buckets import Bucket, plan_buckets
+from vlmprune.export.family import FamilyExport
+from vlmprune.export.onnx_io import WeightsFile
+from vlmprune.export.progress import Steps
+from vlmprune.export.validate import TOLERANCE, _compare, _indices, _session
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def fp16_visual(adapter):
 def validation_cases(adapter, seed: int = 0, clip: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
     """The tool's sample image through the runtime's own preprocessing at the bucket size (and the auxiliary CLIP's
     view of it for GridPrune), and random input."""
-    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor, clip_view
+    from vlmprune.models.qwen2_5_vl.preprocess import QwenPreprocessor, clip_view
     from vlmprune.sample import make_sample_image
 
     image = make_sample_image()
@@ -113,8 +114,8 @@ def validate_qwen_graph(path: Path, module: nn.Module, adapter, precision: str, 
 def export_qwen_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp: Path, scratch: Path,
                        steps: Steps, checks: list) -> tuple[list[dict], dict]:
     """``export_vision`` for Qwen2.5-VL (same signature and records, plus each bucket's image size)."""
-    from .exporter import _export_streamed, _finish_graph
-    from .qwen_graphs import QwenVisionGraph
+    from vlmprune.export.exporter import _export_streamed, _finish_graph
+    from vlmprune.models.qwen2_5_vl.graphs import QwenVisionGraph
 
     if needs_text and text_embeds is None:
         raise VlmpruneError("GridPrune on Qwen2.5-VL needs the prompt's CLIP embedding for its validation",
@@ -150,14 +151,29 @@ def export_qwen_vision(req, adapter, buckets, target, needs_text, text_embeds, t
     return records, lint
 
 
-# Default positions per method, from the authors' code (specs/methods.md): G-Prune keeps original positions,
-# FoPru's lab code uses contiguous ones; the baselines keep the model's own (original) layout.
-DEFAULT_POSITIONS = {"fopru": "contiguous"}
-
-
 def qwen_manifest(manifest: dict, adapter, spec) -> None:
     """The Qwen-specific parts of a bundle manifest: the auxiliary CLIP's preprocessing (GridPrune) and the default
     positions of the method (the runtime computes the M-RoPE positions from the buckets' grid and these)."""
     if "text" in spec.needs:
         manifest["auxiliary_clip"] = adapter.clip_constants()
-    manifest["prompt"]["positions"] = DEFAULT_POSITIONS.get(spec.name, "original")
+
+
+class QwenExport(FamilyExport):
+    """Buckets at a static image size, Qwen's vision graphs, the M-RoPE decoder, the auxiliary CLIP's constants."""
+
+    def plan(self, spec, options, adapter, keeps, tokens, family_options):
+        sizes = family_options.get("image_sizes")
+        if sizes and len(set(map(tuple, sizes))) > 1:
+            raise VlmpruneError("a bundle holds one image size for now", "give one --image-size, e.g. 448x448")
+        return plan_qwen(spec, options, adapter, keeps, tokens, sizes)
+
+    def export_vision(self, req, adapter, buckets, target, needs_text, text_embeds, tmp, scratch, steps, checks):
+        return export_qwen_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp, scratch, steps, checks)
+
+    def decoder_module(self, adapter):
+        from vlmprune.models.qwen2_5_vl.decoder import QwenDecoderGraph
+
+        return QwenDecoderGraph(adapter).eval()
+
+    def manifest_extras(self, manifest, adapter, spec, tmp):
+        qwen_manifest(manifest, adapter, spec)

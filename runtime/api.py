@@ -1,7 +1,7 @@
 """A pruned bundle as a plain ``generate(image, prompt) -> str`` model, for evaluation harnesses (lmms-eval,
 VLMEvalKit) to wrap as a custom model, plus the scoring ``prune-eval`` uses. Torch-free, like the runtime.
 
-    from vlmprune.eval import PrunedVLM
+    from vlmprune.runtime.api import PrunedVLM
     vlm = PrunedVLM("exports/llava-fopru", keep=0.25, max_new_tokens=64)
     answer = vlm.generate("photo.jpg", "What is on the table?")   # or a PIL image
     vlm.last.timings.ttft_ms                                       # the full Result of the last call
@@ -13,10 +13,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from vlmprune.runtime.eval_data import load_dataset
-from vlmprune.runtime.eval_demo import make_demo_dataset
-from vlmprune.runtime.eval_metrics import agreement, exact_match, normalize_answer, token_f1, vqa_accuracy
-from vlmprune.runtime.pipeline import Pipeline, Result
+from .eval_data import load_dataset
+from .eval_demo import make_demo_dataset
+from .eval_metrics import agreement, exact_match, normalize_answer, token_f1, vqa_accuracy
+from .pipeline import Result, open_bundle
+from .preprocess import load_image
 
 __all__ = ["PrunedVLM", "normalize_answer", "vqa_accuracy", "exact_match", "token_f1", "agreement", "load_dataset",
            "make_demo_dataset"]
@@ -27,8 +28,9 @@ class PrunedVLM:
 
     def __init__(self, bundle: str | Path, *, keep: float | None = None, max_new_tokens: int = 64,
                  engines: str | None = None, provider: str | None = None, threads: int | None = None,
-                 positions: str = "contiguous"):
-        self.pipeline = Pipeline(bundle, provider=provider, threads=threads, positions=positions, engines=engines)
+                 positions: str | None = None):
+        # positions None: the bundle's own, as prune-run and prune-eval use
+        self.pipeline = open_bundle(bundle, provider=provider, threads=threads, positions=positions, engines=engines)
         self.bucket, self.bucket_choice = self.pipeline.choose_bucket(keep)  # None: the smallest pruned bucket
         self.pipeline.prepare(self.bucket)
         self.max_new_tokens = max_new_tokens
@@ -42,7 +44,10 @@ class PrunedVLM:
         """The answer text. ``options`` go to ``Pipeline.generate`` (``max_new_tokens``, ``temperature``,
         ``top_p``, ``seed``); the full ``Result`` (tokens, kept indices, timings) is kept in ``self.last``."""
         options.setdefault("max_new_tokens", self.max_new_tokens)
-        self.last = self.pipeline.generate(image, prompt, bucket=self.bucket, **options)
+        image = image if isinstance(image, Image.Image) else load_image(image)
+        # a multi-layout family answers each image with the bucket of its own layout at this keep ratio
+        bucket, _ = self.pipeline.choose_bucket(self.bucket["keep"], image)
+        self.last = self.pipeline.generate(image, prompt, bucket=bucket, **options)
         return self.last.text
 
     __call__ = generate

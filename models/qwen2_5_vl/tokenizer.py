@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .tiny_tokenizer import VOCAB_SIZE, _corpus
+from vlmprune.models.tiny_tokenizer import VOCAB_SIZE, _corpus
 
 # Qwen2's order: <|endoftext|> (pad), <|im_start|>, <|im_end|> (end of turn, EOS of the instruct models), then the
 # vision tokens.

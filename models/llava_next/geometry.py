@@ -19,7 +19,7 @@ from PIL import Image
 
 from vlmprune.errors import VlmpruneError
 
-from .preprocess import _FILTERS, center_crop, shortest_edge_size, to_rgb
+from vlmprune.runtime.preprocess import _FILTERS, center_crop, shortest_edge_size, to_rgb
 
 
 def select_best_resolution(size_hw: tuple[int, int], pinpoints) -> tuple[int, int]:
@@ -174,3 +174,11 @@ class AnyresPreprocessor:
                           for r in range(layout.rows) for c in range(layout.cols)]
         pixels = np.stack([self._finish(t) for t in tiles])
         return np.ascontiguousarray(pixels, dtype=np.float32), (h, w), layout
+
+
+def parse_layouts(text: str) -> list[str]:
+    """``--layouts``: pinpoint layouts as ``RxC``, comma-separated."""
+    names = [part.strip().lower() for part in str(text).split(",") if part.strip()]
+    if not names:
+        raise VlmpruneError(f"--layouts {text!r} names no layout", "give e.g. --layouts 2x2,1x2, or leave it out for all")
+    return names

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from vlmprune.errors import VlmpruneError
 
-from .adapter import ClipText, Preprocessing, TextSpec, ViewSpec, VisionSpec, VLMAdapter
+from vlmprune.models.adapter import ClipText, Preprocessing, TextSpec, ViewSpec, VisionSpec, VLMAdapter
 
 _PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -186,15 +186,3 @@ class LlavaAdapter(VLMAdapter):
 def _layer_out(out):
     # Encoder layers return a tensor in transformers 5 and a tuple before.
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-from .registry import Capabilities, Family, RuntimeRecipe  # noqa: E402  (declarations below the adapter they name)
-
-FAMILY = Family(
-    model_type="llava",
-    name="LLaVA-1.5",
-    transformers_class="LlavaForConditionalGeneration",
-    adapter="vlmprune.models.llava:LlavaAdapter",
-    capabilities=Capabilities(has_cls=True, global_attention_layer="feature", clip_joint_space=True),
-    recipe=RuntimeRecipe(preprocess="clip", layout="single_view", positions="1d"),
-)

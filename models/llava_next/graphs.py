@@ -28,7 +28,7 @@ from vlmprune.prune.gridprune import _PROB_FLOOR, _zone_tensors, gridprune_from_
 from vlmprune.prune.registry import budget_from_ratio
 from vlmprune.prune.select import (_F32_MAX, ascending_from_mask, gather_tokens, l2_norm, l2_normalize, rank_desc,
                                    topk_ascending)
-from vlmprune.runtime.anyres import Layout
+from vlmprune.models.llava_next.geometry import Layout
 
 METHODS = ("none", "gprune", "fopru", "gridprune")
 OUTPUTS = ["base_embeds", "base_indices", "raster_embeds", "raster_indices", "raster_count"]

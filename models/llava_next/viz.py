@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .anyres import fit_size, unpadded_span
-from .preprocess import to_rgb
-from .viz import BACKGROUND, BOX, INK, LINE_H, NOTE_INK, PANEL, PANEL_HEADER_H, _fit, _font, cell_edges, dim, overlay
+from vlmprune.models.llava_next.geometry import fit_size, unpadded_span
+from vlmprune.runtime.preprocess import to_rgb
+from vlmprune.runtime.viz import BACKGROUND, BOX, INK, LINE_H, NOTE_INK, PANEL, PANEL_HEADER_H, _fit, _font, cell_edges, dim, overlay
 
 
 def canvas(image: Image.Image, layout) -> Image.Image:
@@ -56,29 +56,18 @@ def raster_panel(image: Image.Image, layout, size_hw, kept: list[int], title: st
     return panel
 
 
-def anyres_panels(pipe, image: Image.Image, keeps: list[float] | None, prompt: str) -> list[Image.Image]:
-    """Two panels per bucket of the image's layout (the pruned ones, or those of ``keeps``): base view, raster."""
-    w, h = image.size
-    layout = pipe.anyres.layout((h, w))
-    if keeps:
-        buckets = [pipe.choose_bucket_for(layout, k)[0] for k in keeps]
-    else:
-        buckets = [b for b in pipe.manifest["vision"]["buckets"]
-                   if b.get("layout") == layout.name and b["method"] != "none"] or [pipe.choose_bucket_for(layout, 1.0)[0]]
+def bucket_panels(image: Image.Image, bucket: dict, view, outputs: dict, base_tokens: int) -> list[Image.Image]:
+    """Two panels for one bucket: the base view (the whole image squeezed to the view) and the unpadded raster."""
+    layout, size_hw = view.info["layout"], view.info["size_hw"]
     side = layout.side
-    base_view = to_rgb(image).resize((PANEL, PANEL), Image.Resampling.BICUBIC)  # the base view: whole, squeezed
-    panels = []
-    for bucket in buckets:
-        req = pipe.request(image, prompt, bucket=bucket)
-        out, size_hw = req["outputs"], req["size_hw"]
-        base = out["base_indices"][0].tolist()
-        count = int(out["raster_count"].reshape(-1)[0])
-        raster = out["raster_indices"][0][:count].tolist()
-        valid = int(layout.valid_mask(size_hw).sum())
-        panels.append(overlay(base_view, base, (side, side),
-                              f"{bucket['method']} keep {bucket['keep']}: base {len(base)}/{side * side}",
-                              "base view: the whole image at the view size"))
-        top, bottom, _, _ = unpadded_span(size_hw, layout.raster)
-        panels.append(raster_panel(image, layout, size_hw, raster, f"raster {layout.name}: {count}/{valid} tokens",
-                                   f"+ {bottom - top} row newlines, always kept"))
-    return panels
+    base_view = to_rgb(image).resize((PANEL, PANEL), Image.Resampling.BICUBIC)
+    base = outputs["base_indices"][0].tolist()
+    count = int(outputs["raster_count"].reshape(-1)[0])
+    raster = outputs["raster_indices"][0][:count].tolist()
+    valid = int(layout.valid_mask(size_hw).sum())
+    top, bottom, _, _ = unpadded_span(size_hw, layout.raster)
+    return [overlay(base_view, base, (side, side),
+                    f"{bucket['method']} keep {bucket['keep']}: base {len(base)}/{side * side}",
+                    "base view: the whole image at the view size"),
+            raster_panel(image, layout, size_hw, raster, f"raster {layout.name}: {count}/{valid} tokens",
+                         f"+ {bottom - top} row newlines, always kept")]

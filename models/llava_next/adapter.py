@@ -15,17 +15,16 @@ import torch
 from torch import Tensor
 
 from vlmprune.errors import VlmpruneError
-from vlmprune.runtime.anyres import Layout, layouts_for
+from vlmprune.models.llava_next.geometry import Layout, layouts_for
 
-from .adapter import ClipText, Preprocessing, ViewSpec, VisionSpec
-from .llava import LlavaAdapter, _first_attr, preprocessing_from
-from .registry import Capabilities, Family, RuntimeRecipe
+from vlmprune.models.adapter import ClipText, Preprocessing, ViewSpec, VisionSpec
+from vlmprune.models.llava.adapter import LlavaAdapter, _first_attr, preprocessing_from
 
 
 def config_layouts(path: Path) -> list[Layout] | None:
     """The checkpoint's pinpoint layouts from its config.json alone (what the adapter derives after loading, checked
     there against the processor's), or None when the config does not state them."""
-    from .loading import _read_config
+    from vlmprune.models.loading import _read_config
 
     cfg = _read_config(path)
     vcfg = cfg.get("vision_config") or {}
@@ -102,7 +101,7 @@ def next_processor(image_size: int, patch_size: int, max_context: int, pinpoints
     checkpoints; ``(processor, special token ids, vocabulary size)``."""
     from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
-    from .presets import llava_processor
+    from vlmprune.models.llava.preset import llava_processor
 
     base, ids, vocab = llava_processor(image_size, patch_size, max_context)
     image_processor = LlavaNextImageProcessor(
@@ -122,13 +121,3 @@ def next_processor(image_size: int, patch_size: int, max_context: int, pinpoints
         chat_template=base.chat_template,
     )
     return processor, ids, vocab
-
-
-FAMILY = Family(
-    model_type="llava_next",
-    name="LLaVA-NeXT",
-    transformers_class="LlavaNextForConditionalGeneration",
-    adapter="vlmprune.models.llava_next:LlavaNextAdapter",
-    capabilities=Capabilities(has_cls=True, global_attention_layer="feature", clip_joint_space=True),
-    recipe=RuntimeRecipe(preprocess="anyres", layout="anyres_raster", positions="1d"),
-)
