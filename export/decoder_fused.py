@@ -72,15 +72,20 @@ def export_fused_decoder(req, adapter, folder: Path, steps, checks: list) -> tup
     or ``(None, None)`` when it is not made.
 
     ``req.fused_decoder``: True makes it (or fails saying why), False skips it, None (the default) makes it when
-    ONNX Runtime GenAI is installed and the language model is one its builder knows, and says so when not."""
+    ONNX Runtime GenAI is installed and the language model is one its builder knows, and says so when not. Why it
+    was not made is kept in ``skipped_reason`` for the manifest, so the runtime can say the real reason."""
     wanted = getattr(req, "fused_decoder", None)
     if wanted is False:
+        export_fused_decoder.skipped_reason = "exported with --no-fused-decoder"
         return None, None
     if wanted is None:
         model_type = getattr(adapter.model.config.text_config, "model_type", "")
-        reason = ("onnxruntime-genai is not installed (pip install onnxruntime-genai)" if not builder_available()
-                  else None if model_type in _ARCHITECTURES else f"its builder does not know {model_type!r} models")
+        missing = dict(adapter.family.missing_decoders).get("fused")
+        reason = ("onnxruntime-genai was not installed where it was exported" if not builder_available()
+                  else missing if missing else None if model_type in _ARCHITECTURES
+                  else f"ONNX Runtime GenAI's builder does not know {model_type!r} models")
         if reason:
+            export_fused_decoder.skipped_reason = reason
             steps.log(f"fused decoder skipped: {reason}; the bundle has the plain decoder only")
             return None, None
     precision = req.decoder_precision or "fp32"

@@ -24,15 +24,14 @@ from vlmprune.prune.registry import validate_keep
 from .buckets import Bucket
 from .decoder import decoder_io
 from .decoder_fused import export_fused_decoder
-from .graphs import BucketVisionGraph, TextEncoderGraph
+from .graphs import TextEncoderGraph
 from .lint import lint_all_targets
 from .onnx_io import WeightsFile, attach_weights, export_onnx, save_graph
-from .precision import fp16_vision
 from .progress import Steps
 from .publish import claim
 from .targets import get_target
 from .quantize import BITS, quantize_decoder
-from .validate import GREEDY_TOKENS, summarise, validate_decoder, validate_text_encoder, validate_vision
+from .validate import GREEDY_TOKENS, summarise, validate_decoder, validate_text_encoder
 
 VALIDATION_PROMPT = "What color is the car next to the house?"
 DECODER_PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -229,6 +228,7 @@ def _build(req, adapter, hooks, spec, options, buckets: list[Bucket], target, ne
         decoder_record, decoder_lint, decoder_summary = export_decoder(req, adapter, hooks, target, tmp, scratch,
                                                                        steps, checks)
         lint.update(decoder_lint)
+        export_fused_decoder.skipped_reason = None
         fused_record, fused_summary = export_fused_decoder(req, adapter, tmp, steps, checks)  # for ORT CPU/CUDA
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -261,6 +261,8 @@ def _build(req, adapter, hooks, spec, options, buckets: list[Bucket], target, ne
                          validation, tmp)
     if fused_record is not None:  # the standard-op "decoder" stays the TensorRT one; see decoder_fused.providers
         manifest["decoder_fused"] = fused_record
+    elif export_fused_decoder.skipped_reason:  # prune-run says this, not a guess, when the fused decoder is missing
+        manifest["decoder_fused_skipped"] = export_fused_decoder.skipped_reason
     hooks.manifest_extras(manifest, adapter, spec, tmp)
     write_manifest(tmp, manifest)
     return ExportResult(tmp, manifest, validation, dict(steps.timings))
@@ -276,38 +278,6 @@ def _check_lint(name: str, per_target: dict, target) -> None:
 def _clear(scratch: Path) -> None:
     for p in scratch.iterdir():
         p.unlink()
-
-
-def export_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp: Path, scratch: Path, steps: Steps,
-                  checks: list) -> tuple[list[dict], dict]:
-    """One graph per bucket, all sharing ``vision.weights``; each validated as soon as it is written."""
-    view = adapter.vision.views[0]
-    pixels = torch.zeros(1, 3, *view.image_size)
-    text_dim = adapter.clip.projection_dim if adapter.clip is not None else 0
-    records, lint = [], {}
-    with WeightsFile(tmp / "vision.weights") as weights:
-        for bucket in buckets:
-            with steps.step(f"export vision graph {bucket.name}"):
-                method = get_method(bucket.method).build(bucket.k, view.grid, view.has_cls, **dict(bucket.options))
-                if method.k != bucket.k:
-                    raise AssertionError(f"{bucket.name}: module returns K={method.k}")
-                module = BucketVisionGraph(adapter, method).eval()
-                uses_text = bucket.method != "none" and needs_text
-                args = (pixels, torch.zeros(1, text_dim)) if uses_text else (pixels,)
-                names = ["pixel_values", "text_embeds"] if uses_text else ["pixel_values"]
-                with fp16_vision(adapter) if req.precision == "fp16" else contextlib.nullcontext():
-                    model = _export_streamed(module, args, scratch / bucket.file, weights, input_names=names,
-                                             output_names=["image_embeds", "kept_indices"], opset=target.opset)
-                inputs, outputs = _finish_graph(model, bucket.file, tmp, scratch, weights, target, lint)
-                del model
-            records.append({"name": bucket.name, "method": bucket.method, "keep": bucket.keep, "k": bucket.k,
-                            "options": dict(bucket.options), "file": bucket.file, "inputs": inputs,
-                            "outputs": outputs})
-            if req.validate:
-                with steps.step(f"validate {bucket.file}"):
-                    checks += validate_vision(tmp, {bucket.file: (module, uses_text)}, adapter, text_embeds,
-                                              req.precision)
-    return records, lint
 
 
 def _finish_graph(model: onnx.ModelProto, file: str, tmp: Path, scratch: Path, weights: WeightsFile, target,

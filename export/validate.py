@@ -55,42 +55,6 @@ def _indices(graph, case, ref: np.ndarray, got: np.ndarray, tol) -> Check:
     return Check(graph, case, "kept_indices", 0.0, 0.0, passed, overlap, equal)
 
 
-def vision_cases(adapter, seed: int = 0) -> dict[str, torch.Tensor]:
-    from vlmprune.sample import make_sample_image
-
-    image = make_sample_image()
-    pixels = adapter.processor.image_processor(image, return_tensors="pt")["pixel_values"].float()
-    g = torch.Generator().manual_seed(seed)
-    return {"sample image": pixels, "random input": torch.randn(pixels.shape, generator=g)}
-
-
-def validate_vision(folder: Path, graphs: dict, adapter, text_embeds, precision: str) -> list[Check]:
-    """``graphs``: file name -> (torch module, needs_text)."""
-    tol = TOLERANCE[precision]
-    checks = []
-    cases = vision_cases(adapter)
-    for file, (module, needs_text) in graphs.items():
-        sess = _session(folder / file)
-        for case, pixels in cases.items():
-            args = (pixels, text_embeds) if needs_text else (pixels,)
-            with torch.no_grad():
-                ref_embeds, ref_idx = module(*args)
-            feeds = {"pixel_values": pixels.numpy()}
-            if needs_text:
-                feeds["text_embeds"] = text_embeds.numpy()
-            got_embeds, got_idx = sess.run(["image_embeds", "kept_indices"], feeds)
-            idx_check = _indices(file, case, ref_idx.numpy(), got_idx, tol)
-            checks.append(idx_check)
-            if idx_check.indices_equal:
-                checks.append(_compare(file, case, "image_embeds", ref_embeds.numpy(), got_embeds, tol))
-            else:  # compare the tokens both kept
-                common = sorted(set(ref_idx[0].tolist()) & set(got_idx[0].tolist()))
-                r = ref_embeds[0].numpy()[[ref_idx[0].tolist().index(i) for i in common]]
-                o = got_embeds[0][[got_idx[0].tolist().index(i) for i in common]]
-                checks.append(_compare(file, case, "image_embeds (common tokens)", r, o, tol))
-    return checks
-
-
 def validate_text_encoder(folder: Path, file: str, module, input_ids: torch.Tensor) -> list[Check]:
     sess = _session(folder / file)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from vlmprune import graph_io
-from vlmprune.cli_common import HelpFormatter, main_wrapper, quiet_libraries
+from vlmprune.cli_common import HelpFormatter, add_session_args, main_wrapper, quiet_libraries, session_kwargs
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -27,18 +27,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
     p.add_argument("--seed", type=int, help="seed of the sampler, for reproducible sampling (default: random)")
-    p.add_argument("--positions", choices=["contiguous", "original"],
-                   help="position ids of the kept image tokens (default: the bundle's, from its method: G-Prune "
-                        "LLaVA-NeXT bundles original, the others contiguous)")
-    p.add_argument("--provider", help="ONNX Runtime provider for graphs without an engine (default: TensorRT, CUDA, "
-                                      "CPU, whichever is present; the decoder skips TensorRT unless it is named)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ONNX Runtime's, all cores)")
-    p.add_argument("--engines", help="run every graph that has a TensorRT engine from prune-build on TensorRT (vision "
-                                     "buckets, text encoder, decoder), e.g. trt10-fp16")
-    p.add_argument("--decoder", default="auto", choices=["auto", "fused", "plain"],
-                   help="LLM decoder: the --engines decoder engine where there is one, else the fused one "
-                        "(decoder_fused.onnx) where the bundle has it and the provider is CPU/CUDA, else the "
-                        "standard-op one (auto, default); fused or plain force that ONNX Runtime decoder")
+    add_session_args(p)
     p.add_argument("--plan", action="store_true",
                    help="print where each stage would run (backend and device) and exit, loading no graph")
     p.add_argument("--require-gpu", action="store_true",
@@ -79,8 +68,7 @@ def run_main(argv=None):
     from .stages import environment_dict, report_lines
 
     image = _image(args.image)
-    pipe = open_bundle(args.bundle, provider=args.provider, threads=args.threads, positions=args.positions,
-                       engines=args.engines, verify=args.verify, decoder=args.decoder, require_gpu=args.require_gpu)
+    pipe = open_bundle(args.bundle, verify=args.verify, require_gpu=args.require_gpu, **session_kwargs(args))
     bucket, message = pipe.choose_bucket(args.keep, image)  # among the buckets this image can use
     stages = pipe.stage_report(bucket)  # as loaded, printed once
     warnings = pipe.planner.check_devices(stages, args.require_gpu)

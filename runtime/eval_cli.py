@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlmprune.cli_common import main_wrapper, quiet_libraries
+from vlmprune.cli_common import add_session_args, main_wrapper, quiet_libraries
 from vlmprune.errors import VlmpruneError
 
 DATA_HELP = """data formats:
@@ -47,12 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                         "as the reference")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="greedy answer length cap (default 32)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N items only")
-    p.add_argument("--engines", metavar="KEY",
-                   help="run the vision graphs on TensorRT engines from prune-build, e.g. trt10-fp16")
-    p.add_argument("--positions", default=None, choices=["contiguous", "original"],
-                   help="position ids of the kept image tokens (default: the bundle's own, as prune-run uses)")
-    p.add_argument("--provider", help="ONNX Runtime provider (default: TensorRT, CUDA, CPU, whichever is present)")
-    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's)")
+    add_session_args(p, decoder=False)
     p.add_argument("--plain-progress", action="store_true", help="progress as plain lines even if tqdm is installed")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="output folder (rerun with the same one to resume)")

@@ -9,14 +9,13 @@ bucket alike instead of whichever bucket ran last. Each bucket gets one untimed 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmprune.bundle import MANIFEST, Bundle, bucket_for
+from vlmprune.bundle import Bundle, bucket_for
 from vlmprune.errors import VlmpruneError
 
 from .eval_data import Dataset, Item

@@ -47,6 +47,7 @@ class FamilyRuntime:
     view_caption = "as the model sees it (its crop, resized)"
 
     def __init__(self, bundle: Bundle, table: np.ndarray):
+        self.check_manifest(bundle.manifest)
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.table = table
@@ -60,6 +61,11 @@ class FamilyRuntime:
     def claims(cls, manifest: dict) -> bool:
         """Whether a manifest that names no family (written before version 4) is this family's."""
         return False
+
+    @classmethod
+    def check_manifest(cls, manifest: dict) -> None:
+        """The family's own manifest fields (types, ranges, sizes), checked when a bundle of it is opened; one line
+        naming the field. The shared schema (``vlmprune/manifest.py``) checks everything every family has."""
 
     @classmethod
     def default_positions(cls, manifest: dict) -> str:

@@ -17,10 +17,11 @@ from PIL import Image
 from vlmprune import graph_io
 from vlmprune.bundle import Bundle
 from vlmprune.errors import VlmpruneError
+from vlmprune.models.registry import family_by_key
 
 from .backends import OrtBackend, OrtDecoder, check_io
 from .decode_loop import decode
-from .family import FamilyRuntime, Stitched, View, runtime_class
+from .family import FamilyRuntime, Stitched, View, family_key
 from .fused_decoder import FusedDecoder
 from .gpu import detect_environment
 from .preprocess import load_image
@@ -98,7 +99,8 @@ class Pipeline:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify)
         self.folder = self.bundle.folder
         self.manifest = self.bundle.manifest
-        family_class = runtime_class(self.manifest)
+        self.declaration = family_by_key(family_key(self.manifest))  # the family's registry entry
+        family_class = self.declaration.runtime_class()
         if positions is None:  # the method's default, recorded at export
             positions = family_class.default_positions(self.manifest)
         if positions not in family_class.position_modes:
@@ -147,6 +149,10 @@ class Pipeline:
         positions; the standard-op ``decoder`` otherwise (the TensorRT provider, gapped positions). ``choice``: auto,
         fused or plain (both of which keep the decoder on ONNX Runtime)."""
         stage = self.planner.decoder()  # also refuses an impossible choice == "fused"
+        if stage.backend == "tensorrt" and "tensorrt" not in self.declaration.decoders:
+            why = dict(self.declaration.missing_decoders).get("tensorrt", "its family does not support it")
+            raise VlmpruneError(f"the engines' decoder cannot run this bundle on TensorRT: {why}",
+                                "run the decoder on ONNX Runtime (rebuild the engines without --decoder)")
         if stage.backend == "tensorrt":
             from . import trt_decoder
 

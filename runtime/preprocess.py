@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.manifest import RESAMPLE
 
 MAX_PIXELS = 100_000_000  # 100 MP: larger inputs are refused before decoding
 MAX_FILE_BYTES = 1 << 30  # no photo format needs more; a larger "image" is refused before it is read
@@ -24,14 +25,18 @@ MAX_FILE_BYTES = 1 << 30  # no photo format needs more; a larger "image" is refu
 # ``box``): a 10000x1 image would otherwise resize to 336 x 3,360,000. Below it the whole image is resized, exactly
 # as transformers does.
 DIRECT_RESIZE_MAX_PIXELS = 16_000_000
-_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
+# The one resample table: the manifest's names (its schema's list) -> Pillow's filters.
+FILTERS = {name: Image.Resampling[name.upper()] for name in RESAMPLE}
+
+
+def resample_name(value) -> str:
+    """A processor config's ``resample`` (Pillow's enum value, or already a name) as the manifest's name."""
+    if isinstance(value, str):
+        return value
+    try:
+        return Image.Resampling(int(value)).name.lower()
+    except (ValueError, TypeError):
+        return "bicubic"
 
 
 def _open_regular(path: Path):
@@ -123,7 +128,7 @@ def resize_shortest_edge(image: Image.Image, shortest: int, resample: str) -> Im
     if new_w * new_h > DIRECT_RESIZE_MAX_PIXELS:
         raise VlmpruneError(f"an image of {image.size[0]}x{image.size[1]} resizes to {new_w}x{new_h} pixels",
                             "crop it to a less extreme aspect ratio first")
-    return image.resize((new_w, new_h), _FILTERS[resample])
+    return image.resize((new_w, new_h), FILTERS[resample])
 
 
 def resize_then_crop(image: Image.Image, shortest: int, resample: str, crop: tuple[int, int]) -> Image.Image:
@@ -140,7 +145,7 @@ def resize_then_crop(image: Image.Image, shortest: int, resample: str, crop: tup
     (left, width), (top, height) = span(new_w, cw), span(new_h, ch)
     sx, sy = w / new_w, h / new_h
     box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
-    return image.resize((width, height), _FILTERS[resample], box=box)
+    return image.resize((width, height), FILTERS[resample], box=box)
 
 
 def center_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -160,7 +165,7 @@ class Preprocessor:
 
     def __init__(self, constants: dict):
         self.c = constants
-        if constants["resample"] not in _FILTERS:
+        if constants["resample"] not in FILTERS:
             raise VlmpruneError(f"unknown resample filter {constants['resample']!r} in the manifest", "re-export")
         self.mean = np.asarray(constants["mean"], np.float32).reshape(3, 1, 1)
         self.std = np.asarray(constants["std"], np.float32).reshape(3, 1, 1)

@@ -85,7 +85,9 @@ def fused_refusal(manifest: dict, choice: str, positions: str, first_provider: s
     if choice == "plain":
         return "asked for the plain decoder"
     if not fused:
-        return "the bundle has no fused decoder (exported with --no-fused-decoder or without onnxruntime-genai)"
+        why = manifest.get("decoder_fused_skipped")  # recorded at export (older bundles did not say)
+        return (f"the bundle has no fused decoder ({why})" if why else
+                "the bundle has no fused decoder (exported with --no-fused-decoder or without onnxruntime-genai)")
     if positions != fused.get("positions", "contiguous"):
         return f"the fused decoder numbers tokens by cache position; --positions {positions} needs the plain one"
     if first_provider not in fused["providers"]:

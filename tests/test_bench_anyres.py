@@ -14,8 +14,13 @@ from vlmprune.sample import make_sample_image
 PRESET = "tiny-llava-next"
 
 
-def test_anyres_bench_rows_and_the_speedup_target(tmp_path):
-    from vlmprune.export.bench import run_bench
+def test_anyres_bench_rows_and_the_speedup_target(tmp_path, monkeypatch):
+    from vlmprune.export.bench import VISION_RUNS, VISION_WARMUP, run_bench
+    from vlmprune.runtime import profile
+
+    timed_calls = []
+    real_timed = profile.timed
+    monkeypatch.setattr(profile, "timed", lambda fn, *a, **k: timed_calls.append(fn) or real_timed(fn, *a, **k))
     from vlmprune.models.llava_next.geometry import layout_for_image
 
     spec = PRESETS[PRESET]
@@ -39,3 +44,5 @@ def test_anyres_bench_rows_and_the_speedup_target(tmp_path):
     assert target["met"] == (target["measured"] >= 3)
     assert all(v.startswith("skipped") for v in report["peers"].values())
     assert (tmp_path / "bundles" / "gprune-fp32" / "manifest.json").is_file()
+    # one bench protocol for every family: the vision graphs timed as many times as the single-view bench times them
+    assert len(timed_calls) == 2 * 2 * VISION_RUNS and VISION_WARMUP == 3  # 2 buckets x (unpruned, bucket) pairs

@@ -201,8 +201,9 @@ def test_prune_eval_writes_results_table_and_plot(bundle, data, tmp_path, capsys
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
     results = _lines(out / "results.jsonl")
+    # positions None: the bundle's own (as prune-run)
     assert results[0] == {"prune_eval_results": 1,
-                          "settings": {"max_new_tokens": 3, "positions": "contiguous", "engines": None}}
+                          "settings": {"max_new_tokens": 3, "positions": None, "engines": None}}
     assert len(results) == 1 + 4 * 3  # 4 items x (none, 0.5, 0.25)
     report = json.loads((out / "summary.json").read_text())
     rows = {r["bucket"]: r for r in report["rows"]}

@@ -144,3 +144,37 @@ def test_a_copied_family_works_through_every_command_with_no_change_outside_its_
                           "--max-new-tokens", "3", "--plain-progress"]) == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["dataset"]["skipped"] == 0 and summary["answers"]["computed"] == 2 * 2  # 2 items x 2 buckets
+
+
+def test_prune_run_verifies_the_bundle_once(monkeypatch, tmp_path):
+    """``prune-run`` opened (and with --verify full, hashed) the bundle three times: for the positions default, to
+    pick the pipeline, and in the pipeline."""
+    from vlmprune import bundle as bundle_module
+    from vlmprune.export.exporter import ExportRequest, export_bundle
+    from vlmprune.export.progress import Steps
+    from vlmprune.runtime.cli import run_main
+
+    path = export_bundle(ExportRequest(model="tiny-llava", method="fopru", keeps=[0.25], out=tmp_path / "b",
+                                       fused_decoder=False, validate=False), Steps(quiet=True)).path
+    calls = []
+    real = bundle_module.verify_files
+    monkeypatch.setattr(bundle_module, "verify_files", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    assert run_main.run([str(path), "--image", "sample", "--prompt", "What is it?", "--max-new-tokens", "2",
+                         "--verify", "full"]) == 0
+    assert calls == ["full"]
+
+
+def test_vision_weights_are_released_for_every_family():
+    """The exporter dropped only LLaVA's vision modules; Qwen2.5-VL's vision tower (``model.visual``) stayed in
+    memory through the decoder export. Now the family's declared ``vision_modules`` are released."""
+    torch = pytest.importorskip("torch")
+    from vlmprune.export.exporter import _release_vision
+    from vlmprune.models import load_model
+
+    torch.set_grad_enabled(False)
+    for preset in ("tiny-qwen2.5-vl", "tiny-llava"):
+        adapter = load_model(preset)
+        _release_vision(adapter)
+        for part in adapter.family.vision_modules:
+            assert all(p.numel() == 0 for p in adapter.model.get_submodule(part).parameters()), (preset, part)
+        assert any(p.numel() > 0 for p in adapter.language_model().parameters())

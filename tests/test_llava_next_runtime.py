@@ -95,7 +95,7 @@ def test_manifest_records_views_layouts_and_parts(nxt, gprune_bundle):
     m = pipe.manifest
     assert [v["name"] for v in m["vision"]["views"]] == ["base", "crop"]
     assert [lay["name"] for lay in m["vision"]["layouts"]] == [lay.name for lay in nxt.layouts]
-    assert pipe.layouts() == sorted(lay.name for lay in nxt.layouts)  # every layout has graphs by default
+    assert pipe.family.layouts() == sorted(lay.name for lay in nxt.layouts)  # every layout has graphs by default
     assert m["prompt"]["stitch"] == "anyres_raster" and m["prompt"]["positions"] == "original"  # G-Prune's default
     assert m["preprocessing"]["kind"] == "anyres"
     g = next(b for b in m["vision"]["buckets"] if b["name"].startswith("gprune-2x2"))
@@ -255,3 +255,42 @@ def test_prune_export_layouts_flag(tmp_path, capsys):
     code = export_main.run(["--model", "tiny-llava-next", "--method", "gprune", "--tokens", "100",
                             "--out", str(tmp_path / "c"), "--no-validate"])
     assert code == 2 and "--tokens is not available for LLaVA-NeXT" in capsys.readouterr().err
+
+
+# --- one way in (issue 20) ----------------------------------------------------------------------------------------
+
+
+def _same_answers_everywhere(bundle, tmp_path, image_size=(672, 336)):
+    """prune-run's pipeline, PrunedVLM and prune-eval (zero items skipped, the bundle's own positions) give the same
+    tokens on the same image, prompt and keep ratio."""
+    import json
+
+    from PIL import Image
+
+    from vlmprune.runtime.api import PrunedVLM
+    from vlmprune.runtime.eval_cli import main as eval_main
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    make_sample_image(*image_size).save(folder / "a.png")
+    (folder / "q.jsonl").write_text(json.dumps({"question_id": "1", "image": "a.png", "text": PROMPT}) + "\n")
+    image = Image.open(folder / "a.png")
+    ours = open_bundle(bundle).generate(image, PROMPT, keep=0.25, max_new_tokens=6)
+    vlm = PrunedVLM(bundle, keep=0.25, max_new_tokens=6)
+    assert vlm.generate(folder / "a.png", PROMPT) == ours.text and vlm.last.token_ids == ours.token_ids
+    out = tmp_path / "eval"
+    assert eval_main.run([str(bundle), "--data", str(folder / "q.jsonl"), "--keep", "0.25", "--out", str(out),
+                          "--max-new-tokens", "6", "--plain-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"]["skipped"] == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()[1:]]
+    pruned = next(r for r in records if r["keep"] == 0.25)
+    assert pruned["token_ids"] == ours.token_ids and pruned["bucket_used"] == ours.bucket
+    return ours
+
+
+def test_prune_run_prune_eval_and_pruned_vlm_agree(gprune_bundle, tmp_path):
+    """G-Prune's default positions on LLaVA-NeXT are ``original``: prune-eval follows the bundle as prune-run does
+    (it numbered contiguously before, and skipped every item of an anyres bundle)."""
+    result = _same_answers_everywhere(gprune_bundle, tmp_path)
+    assert open_bundle(gprune_bundle).positions == "original" and result.view.startswith("layout ")

@@ -10,7 +10,6 @@ import torch
 
 from preset_geometry import preset_grid
 from vlmprune.models import PRESETS, load_model
-from vlmprune.models.registry import families
 from vlmprune.sample import make_sample_image
 
 

@@ -252,7 +252,8 @@ def test_vision_graphs_export_lint_clean_and_match_pytorch(qwen, tmp_path):
     import types
 
     from vlmprune.export.progress import Steps
-    from vlmprune.models.qwen2_5_vl.export import export_qwen_vision, plan_qwen
+    from vlmprune.models.qwen2_5_vl.export import QwenExport, plan_qwen
+    from vlmprune.models.registry import family_by_key
     from vlmprune.export.targets import get_target
     from vlmprune.prune import get_method
 
@@ -267,8 +268,9 @@ def test_vision_graphs_export_lint_clean_and_match_pytorch(qwen, tmp_path):
         checks = []
         req = types.SimpleNamespace(precision=precision, validate=True)
         text = method == "gridprune"
-        records, lint = export_qwen_vision(req, qwen, buckets, get_target("trt10"), text,
-                                           prompt_embeds if text else None, out, out / ".scratch", Steps(), checks)
+        hooks = QwenExport(family_by_key("qwen2_5_vl"))
+        records, lint = hooks.export_vision(req, qwen, buckets, get_target("trt10"), text,
+                                            prompt_embeds if text else None, out, out / ".scratch", Steps(), checks)
         for file, per_target in lint.items():
             assert per_target["trt10"]["ok"] and per_target["trt11"]["ok"], file
         assert checks and all(c.passed for c in checks), [c for c in checks if not c.passed]
@@ -611,3 +613,12 @@ def test_prune_eval_runs_the_bundle(qwen_bundle, tmp_path):
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     text = json.dumps(summary)
     assert "gridprune" in text and "none" in text
+
+
+def test_prune_run_prune_eval_and_pruned_vlm_agree_on_qwen(qwen_bundle, tmp_path):
+    """The one way in (issue 20): prune-run's pipeline, PrunedVLM (which failed inside ONNX Runtime on Qwen bundles)
+    and prune-eval (zero items skipped) give the same tokens, GridPrune's auxiliary-CLIP inputs included."""
+    from test_llava_next_runtime import _same_answers_everywhere
+
+    result = _same_answers_everywhere(qwen_bundle, tmp_path, image_size=(640, 480))
+    assert result.view == "image size 448x448"

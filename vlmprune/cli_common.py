@@ -49,6 +49,35 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_session_args(p: argparse.ArgumentParser, *, decoder: bool = True, engines_help: str = "") -> None:
+    """The options every command that runs a bundle takes, in one group (as Polygraphy groups its runner options):
+    where the graphs run and how the kept tokens are numbered. Their values go to ``open_bundle`` unchanged."""
+    g = p.add_argument_group("running the bundle")
+    g.add_argument("--positions", choices=["contiguous", "original"],
+                   help="position ids of the kept image tokens (default: the bundle's own, recorded at export from "
+                        "its family and method)")
+    g.add_argument("--provider", help="ONNX Runtime provider for graphs without an engine (default: TensorRT, CUDA, "
+                                      "CPU, whichever is present; the decoder skips TensorRT unless it is named)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="ONNX Runtime intra-op threads (default: ONNX Runtime's, all cores)")
+    g.add_argument("--engines", metavar="KEY", help=engines_help or (
+        "run every graph that has a TensorRT engine from prune-build on TensorRT (vision buckets, text encoder, "
+        "decoder), e.g. trt10-fp16"))
+    if decoder:
+        g.add_argument("--decoder", default="auto", choices=["auto", "fused", "plain"],
+                       help="LLM decoder: the --engines decoder engine where there is one, else the fused one "
+                            "(decoder_fused.onnx) where the bundle has it and the provider is CPU/CUDA, else the "
+                            "standard-op one (auto, default); fused or plain force that ONNX Runtime decoder")
+
+
+def session_kwargs(args) -> dict:
+    """``open_bundle`` keyword arguments from ``add_session_args``'s options."""
+    out = {k: getattr(args, k) for k in ("positions", "provider", "threads", "engines")}
+    if hasattr(args, "decoder"):
+        out["decoder"] = args.decoder
+    return out
+
+
 def require_extra(prog: str, extra: str, *modules: str) -> None:
     """One line naming the pip extra when a command needs what the base (edge) install leaves out, instead of an
     ImportError traceback from deep inside the command."""

@@ -154,3 +154,9 @@ def by_kind(entries: list[dict], results: dict) -> dict:
     if missing:
         raise VlmpruneError(f"the graph returned no {missing[0]!r}, which the manifest lists", "re-export the bundle")
     return {entry["kind"]: results[entry["name"]] for entry in entries}
+
+
+# The kept sequences a vision graph may output: (embeddings, kept indices, valid count or None) kinds. One view's
+# graph outputs the first; a base-plus-raster graph the other two (its raster's valid length in ``raster_count``).
+VISION_PARTS = (("image_embeds", "kept_indices", None), ("base_embeds", "base_indices", None),
+                ("raster_embeds", "raster_indices", "raster_count"))

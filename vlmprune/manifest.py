@@ -277,9 +277,11 @@ MANIFEST_SCHEMA = Obj({
     }, optional=("chat_template", "positions")),
     "decoder": DECODER,
     "decoder_fused": Opt(FUSED_DECODER),
+    "decoder_fused_skipped": Str(min_len=1, max_len=256),  # why the export made no fused decoder
     "lint": Opt(Map()),
     "validation": Opt(Obj({"file": Path_(), "passed": Bool(), "checks": Int(0, 1 << 31)})),
-}, optional=("family", "created_at", "model", "target", "opset", "precision", "decoder_fused", "lint", "validation"))
+}, optional=("family", "created_at", "model", "target", "opset", "precision", "decoder_fused", "decoder_fused_skipped",
+             "lint", "validation"))
 
 
 # --- cross-field rules ------------------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ from pathlib import Path
 from torch import Tensor
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.runtime.preprocess import resample_name
 
 from vlmprune.models.adapter import ClipText, Preprocessing, TextSpec, ViewSpec, VisionSpec, VLMAdapter
 
-_PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 def _first_attr(obj, *names):
@@ -39,7 +39,7 @@ def preprocessing_from(image_processor) -> Preprocessing:
     ip = image_processor
     crop = ip.crop_size if getattr(ip, "do_center_crop", True) else ip.size
     resample = getattr(ip, "resample", 3)
-    resample = _PIL_FILTERS.get(int(resample), "bicubic") if not isinstance(resample, str) else resample
+    resample = resample_name(resample)
     return Preprocessing(
         resize_shortest_edge=_size_value(ip.size, "shortest_edge", "height"),
         crop_size=(_size_value(crop, "height"), _size_value(crop, "width")),

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +17,8 @@ from vlmprune.errors import VlmpruneError
 from vlmprune.models.llava_next.geometry import Layout, layout_for_image
 
 from vlmprune.models.llava_next.graphs import OUTPUTS, AnyresVisionGraph, check_method, part_budgets
-from vlmprune.export.onnx_io import WeightsFile, export_onnx, has_external_data
-from vlmprune.export.precision import fp16_vision
-from vlmprune.export.progress import Steps
 from vlmprune.export.family import FamilyExport
-from vlmprune.export.validate import TOLERANCE, Check, _compare, _indices, _session
+from vlmprune.export.vision_export import BucketGraph
 
 @dataclass(frozen=True)
 class AnyresBucket:
@@ -92,78 +88,6 @@ def validation_cases(adapter, layout: Layout, seed: int = 0) -> dict[str, tuple[
             "random input": (torch.randn(pixels.shape, generator=g), mask)}
 
 
-def _check(file: str, case: str, ref: list[np.ndarray], got: list[np.ndarray], precision: str) -> list[Check]:
-    tol = TOLERANCE[precision]
-    r, o = dict(zip(OUTPUTS, ref)), dict(zip(OUTPUTS, got))
-    count = int(r["raster_count"][0])
-    checks = [Check(file, case, "raster_count", float(abs(count - int(o["raster_count"][0]))), 0.0,
-                    count == int(o["raster_count"][0]))]
-    for part in ("base", "raster"):
-        n = r[f"{part}_indices"].shape[1] if part == "base" else count
-        ri, oi = r[f"{part}_indices"][:, :n], o[f"{part}_indices"][:, :n]
-        idx = _indices(file, f"{case} ({part})", ri, oi, tol)
-        checks.append(idx)
-        if idx.indices_equal:
-            checks.append(_compare(file, f"{case} ({part})", f"{part}_embeds", r[f"{part}_embeds"][:, :n],
-                                   o[f"{part}_embeds"][:, :n], tol))
-    return checks
-
-
-def export_anyres_vision(req, adapter, buckets: list[AnyresBucket], target, needs_text, text_embeds, tmp: Path,
-                         scratch: Path, steps: Steps, checks: list) -> tuple[list[dict], dict]:
-    """One graph per (layout, keep) bucket, all sharing ``vision.weights``; each validated as soon as it is written."""
-    from vlmprune.export.exporter import _finish_graph, _fold
-
-    records, lint = [], {}
-    s = adapter.vision.views[0].image_size
-    with WeightsFile(tmp / "vision.weights") as weights:
-        for bucket in buckets:
-            lay = bucket.layout
-            with steps.step(f"export vision graph {bucket.name}"):
-                module = AnyresVisionGraph(adapter, lay, bucket.method, bucket.keep, dict(bucket.options)).eval()
-                if (module.kb, module.kr) != (bucket.kb, bucket.kr):
-                    raise AssertionError(f"{bucket.name}: module returns K={module.kb}+{module.kr}")
-                uses_text = bucket.method != "none" and needs_text
-                args = (torch.zeros(lay.num_views, 3, *s), torch.ones(*lay.raster))
-                names = ["pixel_values", "valid_mask"]
-                if uses_text:
-                    args, names = (*args, torch.zeros_like(text_embeds)), [*names, "text_embeds"]
-                with fp16_vision(adapter) if req.precision == "fp16" else contextlib.nullcontext():
-                    model = export_onnx(module, args, scratch / bucket.file, input_names=names,
-                                        output_names=OUTPUTS, opset=target.opset)
-                if not has_external_data(model):
-                    model = _fold(model)
-                weights.add_model(model, scratch)
-                inputs, outputs = _finish_graph(model, bucket.file, tmp, scratch, weights, target, lint)
-                del model
-            records.append({
-                "name": bucket.name, "method": bucket.method, "keep": bucket.keep, "k": bucket.k,
-                "options": dict(bucket.options), "file": bucket.file, "inputs": inputs, "outputs": outputs,
-                "layout": lay.name, "num_views": lay.num_views,
-                # K per part: the base view's is exact; the raster's is the slot count, its budget per image is
-                # round(keep * valid tokens) (per crop for FoPru), returned as raster_count
-                "parts": [{"name": "base", "views": [0], "n": lay.side * lay.side, "k": bucket.kb},
-                          {"name": "raster", "views": list(range(1, lay.num_views)),
-                           "n": lay.raster[0] * lay.raster[1], "k": bucket.kr,
-                           "budget": "all valid" if bucket.method == "none" else
-                           ("per crop" if bucket.method in ("fopru", "gridprune") else "whole raster")}],
-            })
-            if req.validate:
-                with steps.step(f"validate {bucket.file}"):
-                    sess = _session(tmp / bucket.file)
-                    for case, (pixels, mask) in validation_cases(adapter, lay).items():
-                        with torch.no_grad(), (fp16_vision(adapter) if req.precision == "fp16"
-                                               else contextlib.nullcontext()):
-                            extra = (text_embeds,) if uses_text else ()
-                            ref = [t.numpy() for t in module(pixels, mask, *extra)]
-                        feeds = {"pixel_values": pixels.numpy(), "valid_mask": mask.numpy()}
-                        if uses_text:
-                            feeds["text_embeds"] = text_embeds.numpy()
-                        got = sess.run(OUTPUTS, feeds)
-                        checks += _check(bucket.file, case, ref, got, req.precision)
-    return records, lint
-
-
 def anyres_manifest(manifest: dict, adapter, spec, tmp: Path) -> None:
     """The anyres fields: layouts, the newline vector, the stitch layout and the method's default positions."""
     newline = adapter.image_newline.detach().float().numpy()
@@ -182,9 +106,36 @@ class LlavaNextExport(FamilyExport):
     def plan(self, spec, options, adapter, keeps, tokens, family_options):
         return plan_anyres(spec, options, adapter, keeps, tokens, family_options.get("layouts"))
 
-    def export_vision(self, req, adapter, buckets, target, needs_text, text_embeds, tmp, scratch, steps, checks):
-        return export_anyres_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp, scratch, steps,
-                                    checks)
+    def bucket_graph(self, adapter, bucket, needs_text, text_embeds):
+        """The layout's views and unpadding mask through the anyres graph; its records name the layout and the K of
+        each part (the base view's exact; the raster's the slot count, its budget per image round(keep * valid
+        tokens), per crop for FoPru and GridPrune, returned as raster_count)."""
+        lay = bucket.layout
+        module = AnyresVisionGraph(adapter, lay, bucket.method, bucket.keep, dict(bucket.options)).eval()
+        if (module.kb, module.kr) != (bucket.kb, bucket.kr):
+            raise AssertionError(f"{bucket.name}: module returns K={module.kb}+{module.kr}")
+        s = adapter.vision.views[0].image_size
+        inputs = {"pixel_values": torch.zeros(lay.num_views, 3, *s), "valid_mask": torch.ones(*lay.raster)}
+        if bucket.method != "none" and needs_text:
+            inputs["text_embeds"] = torch.zeros_like(text_embeds)
+        record = {
+            "layout": lay.name, "num_views": lay.num_views,
+            "parts": [{"name": "base", "views": [0], "n": lay.side * lay.side, "k": bucket.kb},
+                      {"name": "raster", "views": list(range(1, lay.num_views)),
+                       "n": lay.raster[0] * lay.raster[1], "k": bucket.kr,
+                       "budget": "all valid" if bucket.method == "none" else
+                       ("per crop" if bucket.method in ("fopru", "gridprune") else "whole raster")}],
+        }
+        # traced with its weights, which are then moved into vision.weights
+        return BucketGraph(module, inputs, list(OUTPUTS), record, streamed=False)
+
+    def validation_cases(self, adapter, bucket, graph, text_embeds):
+        cases = {}
+        for case, (pixels, mask) in validation_cases(adapter, bucket.layout).items():
+            cases[case] = {"pixel_values": pixels, "valid_mask": mask}
+            if "text_embeds" in graph.inputs:
+                cases[case]["text_embeds"] = text_embeds
+        return cases
 
     def manifest_extras(self, manifest, adapter, spec, tmp):
         anyres_manifest(manifest, adapter, spec, tmp)

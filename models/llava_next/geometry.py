@@ -19,7 +19,7 @@ from PIL import Image
 
 from vlmprune.errors import VlmpruneError
 
-from vlmprune.runtime.preprocess import _FILTERS, center_crop, shortest_edge_size, to_rgb
+from vlmprune.runtime.preprocess import FILTERS, center_crop, shortest_edge_size, to_rgb
 
 
 def select_best_resolution(size_hw: tuple[int, int], pinpoints) -> tuple[int, int]:
@@ -123,14 +123,14 @@ class AnyresPreprocessor:
 
     def __init__(self, constants: dict, side: int):
         self.c = constants
-        if constants["resample"] not in _FILTERS:
+        if constants["resample"] not in FILTERS:
             raise VlmpruneError(f"unknown resample filter {constants['resample']!r} in the manifest", "re-export")
         self.pinpoints = [tuple(int(x) for x in p) for p in constants["grid_pinpoints"]]
         if not self.pinpoints:
             raise VlmpruneError("the manifest's anyres preprocessing lists no grid_pinpoints", "re-export")
         self.view = int(constants["crop_size"][0])
         self.side = side
-        self.filter = _FILTERS[constants["resample"]]
+        self.filter = FILTERS[constants["resample"]]
         self.mean = np.asarray(constants["mean"], np.float32).reshape(3, 1, 1)
         self.std = np.asarray(constants["std"], np.float32).reshape(3, 1, 1)
 

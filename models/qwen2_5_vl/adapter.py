@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.runtime.preprocess import resample_name
 from vlmprune.models.qwen2_5_vl.preprocess import parse_image_size  # noqa: F401  (the adapter's sizes)
 
 from vlmprune.models.adapter import ClipText, Preprocessing, TextSpec, ViewSpec, VisionSpec, VLMAdapter
@@ -106,7 +107,7 @@ class QwenAdapter(VLMAdapter):
         self.preprocessing = QwenPreprocessing(
             resize_shortest_edge=min(h, w),
             crop_size=(h, w),
-            resample=_resample_name(getattr(ip, "resample", 3)),
+            resample=resample_name(getattr(ip, "resample", 3)),
             do_resize=bool(getattr(ip, "do_resize", True)),
             do_center_crop=False,
             do_rescale=bool(getattr(ip, "do_rescale", True)),
@@ -192,8 +193,6 @@ class QwenAdapter(VLMAdapter):
     def clip_constants(self) -> dict:
         """The runtime's auxiliary-CLIP preprocessing (``runtime.qwen_preprocess.clip_view``), from the CLIP folder's
         image processor when it has one, else OpenAI CLIP's constants."""
-        from vlmprune.models.llava.adapter import _PIL_FILTERS
-
         constants = {"size": self.clip_image_size, "resample": "bicubic", "rescale_factor": 1 / 255,
                      "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
         if (Path(self.clip.path) / "preprocessor_config.json").is_file():
@@ -201,8 +200,7 @@ class QwenAdapter(VLMAdapter):
 
             ip = AutoImageProcessor.from_pretrained(self.clip.path)
             resample = getattr(ip, "resample", 3)
-            constants.update(resample=_PIL_FILTERS.get(int(resample), "bicubic") if not isinstance(resample, str)
-                             else resample, rescale_factor=float(getattr(ip, "rescale_factor", 1 / 255)),
+            constants.update(resample=resample_name(resample), rescale_factor=float(getattr(ip, "rescale_factor", 1 / 255)),
                              mean=[float(x) for x in ip.image_mean], std=[float(x) for x in ip.image_std])
         return constants
 
@@ -251,11 +249,6 @@ class QwenAdapter(VLMAdapter):
             "vision_end_token_id": self.vision_end_token_id,
         }
         return d
-
-
-def _resample_name(resample) -> str:
-    names = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-    return resample if isinstance(resample, str) else names.get(int(resample), "bicubic")
 
 
 def qwen_processor(max_context: int, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280):

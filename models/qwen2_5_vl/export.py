@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from torch import nn
 
 from vlmprune.errors import VlmpruneError
 
 from vlmprune.export.buckets import Bucket, plan_buckets
 from vlmprune.export.family import FamilyExport
-from vlmprune.export.onnx_io import WeightsFile
-from vlmprune.export.progress import Steps
-from vlmprune.export.validate import TOLERANCE, _compare, _indices, _session
+from vlmprune.export.vision_export import BucketGraph
 
 
 @dataclass(frozen=True)
@@ -87,70 +83,6 @@ def validation_cases(adapter, seed: int = 0, clip: bool = False) -> dict[str, tu
     return {"sample image": pixels, "random input": tuple(torch.randn(p.shape, generator=g) for p in pixels)}
 
 
-def validate_qwen_graph(path: Path, module: nn.Module, adapter, precision: str, text_embeds=None) -> list:
-    tol = TOLERANCE[precision]
-    sess = _session(path)
-    checks = []
-    uses_text = getattr(module, "uses_text", False)
-    for case, pixels in validation_cases(adapter, clip=uses_text).items():
-        args = (*pixels, text_embeds) if uses_text else pixels
-        with torch.no_grad():
-            ref_embeds, ref_idx = module(*args)
-        names = ["pixel_values", "clip_pixel_values", "text_embeds"] if uses_text else ["pixel_values"]
-        feeds = {n: a.numpy() for n, a in zip(names, args)}
-        got_embeds, got_idx = sess.run(["image_embeds", "kept_indices"], feeds)
-        idx = _indices(path.name, case, ref_idx.numpy(), got_idx, tol)
-        checks.append(idx)
-        if idx.indices_equal:
-            checks.append(_compare(path.name, case, "image_embeds", ref_embeds.numpy(), got_embeds, tol))
-        else:  # compare the tokens both kept
-            common = sorted(set(ref_idx[0].tolist()) & set(got_idx[0].tolist()))
-            r = ref_embeds[0].numpy()[[ref_idx[0].tolist().index(i) for i in common]]
-            o = got_embeds[0][[got_idx[0].tolist().index(i) for i in common]]
-            checks.append(_compare(path.name, case, "image_embeds (common tokens)", r, o, tol))
-    return checks
-
-
-def export_qwen_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp: Path, scratch: Path,
-                       steps: Steps, checks: list) -> tuple[list[dict], dict]:
-    """``export_vision`` for Qwen2.5-VL (same signature and records, plus each bucket's image size)."""
-    from vlmprune.export.exporter import _export_streamed, _finish_graph
-    from vlmprune.models.qwen2_5_vl.graphs import QwenVisionGraph
-
-    if needs_text and text_embeds is None:
-        raise VlmpruneError("GridPrune on Qwen2.5-VL needs the prompt's CLIP embedding for its validation",
-                            "report this as a bug")
-    records, lint = [], {}
-    with WeightsFile(tmp / "vision.weights") as weights:
-        for bucket in buckets:
-            adapter.set_image_size(bucket.image_size)
-            n = bucket.image_size[0] * bucket.image_size[1] // adapter.vision.patch_size**2
-            vcfg = adapter.model.config.vision_config
-            pixels = torch.zeros(n, 3 * vcfg.temporal_patch_size * vcfg.patch_size**2)
-            with steps.step(f"export vision graph {bucket.name}"):
-                module = QwenVisionGraph(adapter, bucket.method, bucket.k, dict(bucket.options)).eval()
-                if module.k != bucket.k:
-                    raise AssertionError(f"{bucket.name}: module returns K={module.k}")
-                args, names = (pixels,), ["pixel_values"]
-                if module.uses_text:  # GridPrune: the auxiliary CLIP's view of the image and the prompt embedding
-                    side = adapter.clip_image_size
-                    args += (torch.zeros(1, 3, side, side), torch.zeros(1, adapter.clip.projection_dim))
-                    names += ["clip_pixel_values", "text_embeds"]
-                with fp16_visual(adapter) if req.precision == "fp16" else contextlib.nullcontext():
-                    model = _export_streamed(module, args, scratch / bucket.file, weights, input_names=names,
-                                             output_names=["image_embeds", "kept_indices"], opset=target.opset)
-                inputs, outputs = _finish_graph(model, bucket.file, tmp, scratch, weights, target, lint)
-                del model
-            records.append({"name": bucket.name, "method": bucket.method, "keep": bucket.keep, "k": bucket.k,
-                            "options": dict(bucket.options), "file": bucket.file, "inputs": inputs,
-                            "outputs": outputs, "image_size": list(bucket.image_size),
-                            "grid": list(adapter.vision.views[0].grid)})
-            if req.validate:
-                with steps.step(f"validate {bucket.file}"):
-                    checks += validate_qwen_graph(tmp / bucket.file, module, adapter, req.precision, text_embeds)
-    return records, lint
-
-
 def qwen_manifest(manifest: dict, adapter, spec) -> None:
     """The Qwen-specific parts of a bundle manifest: the auxiliary CLIP's preprocessing (GridPrune) and the default
     positions of the method (the runtime computes the M-RoPE positions from the buckets' grid and these)."""
@@ -167,8 +99,41 @@ class QwenExport(FamilyExport):
             raise VlmpruneError("a bundle holds one image size for now", "give one --image-size, e.g. 448x448")
         return plan_qwen(spec, options, adapter, keeps, tokens, sizes)
 
-    def export_vision(self, req, adapter, buckets, target, needs_text, text_embeds, tmp, scratch, steps, checks):
-        return export_qwen_vision(req, adapter, buckets, target, needs_text, text_embeds, tmp, scratch, steps, checks)
+    def bucket_graph(self, adapter, bucket, needs_text, text_embeds):
+        """Flattened patches at the bucket's image size (and GridPrune's auxiliary-CLIP view and prompt
+        embedding); the records carry the image size and merged grid."""
+        from vlmprune.models.qwen2_5_vl.graphs import QwenVisionGraph
+
+        if needs_text and text_embeds is None:
+            raise VlmpruneError("GridPrune on Qwen2.5-VL needs the prompt's CLIP embedding for its validation",
+                                "report this as a bug")
+        adapter.set_image_size(bucket.image_size)
+        n = bucket.image_size[0] * bucket.image_size[1] // adapter.vision.patch_size**2
+        vcfg = adapter.model.config.vision_config
+        module = QwenVisionGraph(adapter, bucket.method, bucket.k, dict(bucket.options)).eval()
+        if module.k != bucket.k:
+            raise AssertionError(f"{bucket.name}: module returns K={module.k}")
+        inputs = {"pixel_values": torch.zeros(n, 3 * vcfg.temporal_patch_size * vcfg.patch_size**2)}
+        if module.uses_text:  # GridPrune: the auxiliary CLIP's view of the image and the prompt embedding
+            side = adapter.clip_image_size
+            inputs["clip_pixel_values"] = torch.zeros(1, 3, side, side)
+            inputs["text_embeds"] = torch.zeros(1, adapter.clip.projection_dim)
+        return BucketGraph(module, inputs, ["image_embeds", "kept_indices"],
+                           {"image_size": list(bucket.image_size), "grid": list(adapter.vision.views[0].grid)})
+
+    def validation_cases(self, adapter, bucket, graph, text_embeds):
+        adapter.set_image_size(bucket.image_size)
+        uses_text = "text_embeds" in graph.inputs
+        cases = {}
+        for case, pixels in validation_cases(adapter, clip=uses_text).items():
+            names = ["pixel_values", "clip_pixel_values"] if uses_text else ["pixel_values"]
+            cases[case] = dict(zip(names, pixels))
+            if uses_text:
+                cases[case]["text_embeds"] = text_embeds
+        return cases
+
+    def half_precision(self, adapter):
+        return fp16_visual(adapter)
 
     def decoder_module(self, adapter):
         from vlmprune.models.qwen2_5_vl.decoder import QwenDecoderGraph

@@ -17,7 +17,7 @@ from PIL import Image
 
 from vlmprune.errors import VlmpruneError
 
-from vlmprune.runtime.preprocess import _FILTERS, to_rgb
+from vlmprune.runtime.preprocess import FILTERS, to_rgb
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -58,7 +58,7 @@ class QwenPreprocessor:
 
     def __init__(self, constants: dict):
         self.c = constants
-        if constants["resample"] not in _FILTERS:
+        if constants["resample"] not in FILTERS:
             raise VlmpruneError(f"unknown resample filter {constants['resample']!r} in the manifest", "re-export")
         self.size = tuple(int(x) for x in constants["crop_size"])  # (height, width)
         self.patch = int(constants.get("patch_size", 14))
@@ -81,7 +81,7 @@ class QwenPreprocessor:
             image = to_rgb(image)
         h, w = self.size
         if c["do_resize"] and image.size != (w, h):
-            image = image.resize((w, h), _FILTERS[c["resample"]])
+            image = image.resize((w, h), FILTERS[c["resample"]])
         elif image.size != (w, h):
             raise VlmpruneError(f"the image is {image.size[0]}x{image.size[1]} and the bundle takes {w}x{h} with "
                                 "resizing off", "resize the image to the bundle's size")
@@ -101,7 +101,7 @@ def clip_view(image: Image.Image, constants: dict) -> np.ndarray:
     size = int(constants["size"])
     image = to_rgb(image)
     if image.size != (size, size):
-        image = image.resize((size, size), _FILTERS[constants.get("resample", "bicubic")])
+        image = image.resize((size, size), FILTERS[constants.get("resample", "bicubic")])
     x = np.asarray(image).astype(np.float32).transpose(2, 0, 1) * np.float32(constants.get("rescale_factor", 1 / 255))
     mean = np.asarray(constants["mean"], np.float32).reshape(3, 1, 1)
     std = np.asarray(constants["std"], np.float32).reshape(3, 1, 1)
