@@ -343,3 +343,107 @@ def fake_cuda_python(version: str, present: bool = True) -> dict[str, _types.Mod
         cuda.cudart = runtime
         mods["cuda.cudart"] = runtime
     return mods
+
+
+class _Layer:
+    """A parsed ONNX node as TensorRT's ILayer: ``precision`` only on a layer computing a float (a TopK computes its
+    float values), ``set_output_type`` only on float outputs (NvInfer.h v10.3.0:724, pyGraph.cpp v10.3.0:346-352)."""
+
+    def __init__(self, name, op, types, log):
+        self.name, self.op, self.types, self.log = name, op, types, log
+        self.num_outputs = len(types)
+
+    @property
+    def precision(self):
+        return None
+
+    @precision.setter
+    def precision(self, dtype):
+        if not self.types or self.types[0] not in (1, 10, 11, 16):
+            raise RuntimeError(f"{self.name} ({self.op}) computes no float: precision {dtype} fails network validation")
+        self.log.append(("precision", self.name))
+
+    def set_output_type(self, index, dtype):
+        if self.types[index] not in (1, 10, 11, 16):
+            raise RuntimeError(f"{self.name} ({self.op}) output {index} is not a float: setOutputType cannot be used")
+        self.log.append(("output_type", self.name, index))
+
+
+def fake_tensorrt_api(version: str, log: list) -> _types.ModuleType:
+    """``fake_tensorrt(version)`` plus the builder API ``build_with_api`` drives, strict as above; ``log`` collects
+    what was set (flags, pins, profiles)."""
+    trt = fake_tensorrt(version)
+    major = int(version.split(".")[0])
+
+    class Network:
+        def __init__(self, flags):
+            self.flags, self.layers = flags, []
+            if major >= 11 and flags & 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED == 0:
+                raise RuntimeError("TensorRT 11 networks are strongly typed")
+
+        num_layers = property(lambda self: len(self.layers))
+
+        def get_layer(self, i):
+            return self.layers[i]
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.network = network
+            self.num_errors = 0
+
+        def parse_from_file(self, path):
+            from vlmprune.export.onnx_nodes import read_node_types
+
+            self.network.layers = [_Layer(n, op, types, log) for n, op, types in read_node_types(Path(path))]
+            return True
+
+    class Config:
+        int8_calibrator = None
+
+        def set_memory_pool_limit(self, pool, size):
+            log.append(("workspace", size))
+
+        def set_flag(self, flag):
+            log.append(("flag", flag))
+
+        def clear_flag(self, flag):
+            log.append(("clear", flag))
+
+        def add_optimization_profile(self, profile):
+            log.append(("profile", dict(profile.shapes)))
+
+        def create_timing_cache(self, data):
+            return SimpleNamespace(serialize=lambda: b"timing")
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (lo, opt, hi)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return Network(flags)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"engine"
+
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=None: None})
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    return trt

@@ -354,3 +354,46 @@ def test_x86_image_pins_an_onnxruntime_built_for_its_tensorrt():
     assert "ARG BASE=nvcr.io/nvidia/tensorrt:24.08-py3" in text
     assert '"onnxruntime-gpu${ORT_GPU_VERSION:-==1.19.2}"' in text
     assert '"cuda-python>=12,<13"' in (ROOT / "pyproject.toml").read_text()
+
+
+# --- the API path, on the emulated TensorRT Python API --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version,target", [("8.6.2", "trt8.6"), ("10.3.0", "trt10")])
+def test_build_via_api_pins_float_layers_only(bundles, monkeypatch, tmp_path, version, target):
+    """pyGraph.cpp (v10.3.0:346-352): ILayer.precision / set_output_type; the emulation raises as validation does."""
+    from fake_trt import fake_tensorrt_api
+
+    log = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt_api(version, log))
+    for name, mod in fake_cuda_python("12.8").items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    path = fresh(bundles["gridprune"], tmp_path)
+    assert build_main.run([str(path), "--via", "api", "--target", target, "--precision", "fp16"]) == 0
+    assert ("flag", "FP16") in log and ("flag", "OBEY_PRECISION_CONSTRAINTS") in log
+    assert sum(1 for e in log if e[0] == "precision") > 100
+    assert (path / "engines" / f"{target}-fp16" / "gridprune-k144.engine").read_bytes() == b"engine"
+
+
+def test_build_via_api_on_tensorrt_11_is_strongly_typed(bundles, monkeypatch, tmp_path):
+    """TensorRT 11.1 has no BuilderFlag.FP16/INT8/OBEY_PRECISION_CONSTRAINTS (pyCore.cpp v11.1:1599-1620)."""
+    from fake_trt import fake_tensorrt_api
+
+    log = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt_api("11.1.0", log))
+    for name, mod in fake_cuda_python("13.0").items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setitem(sys.modules, "cuda.cudart", None)
+    path = fresh(bundles["fopru"], tmp_path)
+    assert build_main.run([str(path), "--via", "api", "--target", "trt11", "--precision", "fp32"]) == 0
+    assert not any(e[0] in ("flag", "precision") for e in log) and ("clear", "TF32") in log
+
+
+def test_tensorrt_without_a_gpu_skips_the_caches_with_a_reason(monkeypatch):
+    """The old tensorrt_available() tested only the import, so TensorRT without a GPU crashed in the build."""
+    from vlmprune.calibrate import cache
+    from vlmprune.runtime.gpu import GpuInfo
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("8.6.2"))
+    monkeypatch.setattr("vlmprune.runtime.gpu.detect_gpu", lambda *a, **k: GpuInfo(False))
+    assert cache.calibration_support() == (False, "no NVIDIA GPU here (calibration builds an engine on the GPU)")
