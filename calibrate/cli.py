@@ -26,15 +26,16 @@ HOLDOUT = 8  # images held out for the accuracy report by default, at most a qua
 def _parser():
     p = argparse.ArgumentParser(
         prog="prune-calibrate", formatter_class=HelpFormatter,
-        description="INT8 calibration of a bundle's vision buckets: Q/DQ ONNX graphs (and TensorRT calibration caches "
-                    "where TensorRT is installed) in BUNDLE/int8/, with an accuracy report of the quantised graphs "
+        description="INT8 calibration of a bundle's vision buckets: Q/DQ ONNX graphs (and TensorRT 8.x calibration caches "
+                    "where TensorRT 8.x and its GPU are) in BUNDLE/int8/, with an accuracy report of the quantised graphs "
                     "against fp32 on held-out images. Needs the calibrate extra (onnx).")
     p.add_argument("bundle", type=Path, help="bundle folder written by prune-export")
     p.add_argument("--images", type=Path, required=True,
                    help="folder of representative photos (searched recursively); a few hundred is typical")
     p.add_argument("--num", type=int, default=256, help="images to calibrate with")
     p.add_argument("--algo", default="entropy", choices=["entropy", "minmax", "percentile"],
-                   help="activation range: entropy (KL divergence, TensorRT's default), minmax, or percentile")
+                   help="activation range: entropy (KL divergence, TensorRT's default), minmax, or percentile; TensorRT 8.x "
+                        "caches are entropy only")
     p.add_argument("--holdout", type=int,
                    help=f"images kept out of calibration for the accuracy report (default: min({HOLDOUT}, a quarter "
                         "of the images found); 0 reports on a calibration image")

@@ -144,8 +144,8 @@ def plan_jobs(bundle: Path, manifest: dict, target: Target, precision: str, deco
             else:
                 job.calib_cache = bundle / "int8" / "calib" / f"{b['name']}.cache"
         jobs.append(job)
-    # The text encoder and the decoder have no calibration: --int8 without one makes trtexec set dummy ranges on
-    # every tensor (a garbage engine), so a weakly typed int8 build makes them fp16. Strongly typed (11): their
+    # The text encoder and the decoder have no calibration: --int8 without one makes trtexec calibrate on random
+    # data (RndInt8Calibrator, sampleEngines.cpp), a garbage engine, so a weakly typed int8 build makes them fp16. Strongly typed (11): their
     # own dtypes.
     side = "fp16" if precision in ("int8", "best") and target.trt_version < (11, 0) else None
     if manifest.get("text_encoder"):

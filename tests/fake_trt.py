@@ -207,7 +207,8 @@ def engine_bundle(root: Path) -> Path:
 # - --layerPrecisions on a layer computing no float, and --layerOutputTypes on a non-float output, fail the build
 #   (NvInfer.h v10.3.0:724 "cannot be used to set the data type of the second output tensor of the TopK layer";
 #   network validation rejects fp32 on boolean layers, TensorRT issues 1516 and 3570);
-# - --int8 with neither --calib nor Q/DQ nodes calibrates nothing (trtexec sets dummy ranges): refused here, since the
+# - --int8 with neither --calib nor Q/DQ nodes calibrates on random data (RndInt8Calibrator, an
+#   IInt8EntropyCalibrator2: samples/common/sampleEngines.cpp v10.3.0:295 and :1075): refused here, since the
 #   engine would be garbage;
 # - Python: IInt8*Calibrator classes up to 10.x (python/src/infer/pyInt8.cpp), none in 11.1; BuilderFlag.FP16/INT8/
 #   OBEY_PRECISION_CONSTRAINTS up to 10.x (pyCore.cpp v10.3.0:1338-1348), none in 11.1; EXPLICIT_BATCH up to 10.x,
@@ -279,7 +280,7 @@ if "--onnx" in given:
                 fail(f"{{layer}} ({{node.op_type}}): setOutputType cannot be used on a non-float output")
     qdq = any(n.op_type == "QuantizeLinear" for n in g.node)
     if "--int8" in given and "--calib" not in given and not qdq:
-        fail("--int8 without --calib or Q/DQ nodes: dummy dynamic ranges on every tensor (a garbage engine)")
+        fail("--int8 without --calib or Q/DQ nodes: calibration on random data (a garbage engine)")
     if "--stronglyTyped" in given and any(f in given for f in ("--fp16", "--int8", "--best")):
         fail("--stronglyTyped with precision flags")
 if "--saveEngine" in given:
