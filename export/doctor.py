@@ -92,7 +92,10 @@ def _tensorrt_version() -> str | None:
     loads CUDA); JetPack's system package has metadata too."""
     import importlib.util
 
-    if importlib.util.find_spec("tensorrt") is None:
+    try:
+        if importlib.util.find_spec("tensorrt") is None:
+            return None
+    except (ImportError, ValueError):  # a broken or blocked install counts as none
         return None
     version = _dist_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt_cu12_bindings")
     if version:

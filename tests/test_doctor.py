@@ -101,3 +101,28 @@ def test_int8_decoder_on_an_old_onnxruntime(bundle, tmp_path, monkeypatch):
     findings, ready = bundle_findings(opened, m)
     dec = next(f for f in findings if f.check == "decoder")
     assert dec.status == "fail" and "1.22" in dec.found and not ready
+
+
+def test_doctor_runs_on_the_base_install(bundle):
+    """torch, onnx, polygraphy, tensorrt ... unimportable, as on an edge box with `pip install vlmprune`."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_cli_ux import BLOCKED
+
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {BLOCKED!r}:
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        from vlmprune.export.doctor import main
+        code = main.run([{str(bundle)!r}])
+        assert not any(m.split(".")[0] in {BLOCKED!r} for m in sys.modules), "a heavy module was imported"
+        sys.exit(code)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr  # this machine has no GPU: the bundle cannot run on it
+    assert "[missing] GPU: " in done.stdout and "Traceback" not in done.stderr
