@@ -147,7 +147,8 @@ def plan_jobs(bundle: Path, manifest: dict, target: Target, precision: str, deco
     # The text encoder and the decoder have no calibration: --int8 without one makes trtexec calibrate on random
     # data (RndInt8Calibrator, sampleEngines.cpp), a garbage engine, so a weakly typed int8 build makes them fp16. Strongly typed (11): their
     # own dtypes.
-    side = "fp16" if precision in ("int8", "best") and target.trt_version < (11, 0) else None
+    weak_int8 = precision in ("int8", "best") and target.trt_version < (11, 0)
+    side = "fp16" if weak_int8 else None
     if manifest.get("text_encoder"):
         te = manifest["text_encoder"]
         jobs.append(EngineJob("text_encoder", bundle / te["file"], out_dir / "text_encoder.engine",

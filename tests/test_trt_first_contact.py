@@ -3,7 +3,6 @@ TensorRT, Polygraphy, cuda-python or ONNX Runtime source its rule comes from (se
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
