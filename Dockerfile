@@ -5,9 +5,7 @@
 # Jetson Orin, JetPack 6.1/6.2 (TensorRT 10.3 and trtexec come with L4T; build on the device):
 #   docker build --build-arg BASE=nvcr.io/nvidia/l4t-jetpack:r36.4.0 --build-arg VARIANT=jetson -t vlmprune:jetson .
 # JetPack 6.0 (CUDA 12.2): add --build-arg JETSON_ORT_INDEX=https://pypi.jetson-ai-lab.io/jp6/cu122
-# JetPack 5.1 (TensorRT 8.5, CUDA 11.4): BASE=nvcr.io/nvidia/l4t-jetpack:r35.4.1, export bundles with --target trt8.5,
-#   and pass the onnxruntime-gpu wheel for JetPack 5 from the Jetson Zoo (https://elinux.org/Jetson_Zoo#ONNX_Runtime)
-#   as --build-arg ORT_GPU_WHEEL=<its URL>.
+# JetPack 5.x is not supported: it is Ubuntu 20.04 with Python 3.8, and vlmprune needs Python >= 3.10.
 # Run with the GPU visible: docker run --runtime nvidia (Jetson) or --gpus all (x86).
 #
 # Export (torch + transformers) is meant for a workstation; the image holds what the device needs.
@@ -17,14 +15,18 @@ ARG VARIANT=x86
 # ONNX Runtime with the CUDA (and TensorRT) providers, for every graph that has no TensorRT engine. Its source:
 # - jetson: NVIDIA's Jetson AI Lab pip index for the JetPack, JETSON_ORT_INDEX (jp6/cu126: JetPack 6.1/6.2, CUDA 12.6,
 #   which the r36.4.0 base above has); PyPI has no GPU build of onnxruntime for aarch64;
-# - x86: PyPI's onnxruntime-gpu (its default builds are for CUDA 12 since 1.19, as in the 24.08 base);
-# - ORT_GPU_WHEEL, when given, replaces either (a wheel URL: JetPack 5, or a build of your own).
+# - x86: PyPI's onnxruntime-gpu 1.19.2 by default: its TensorRT provider is built for TensorRT 10.2 and CUDA 12, the
+#   nearest to this base's TensorRT 10.3 (onnxruntime docs, TensorRT Execution Provider, Requirements: 1.20 wants
+#   10.4, 1.22 wants 10.9); a newer base image takes a newer ORT_GPU_VERSION. 1.19 has no CUDA kernel for 8-bit
+#   MatMulNBits (1.22+), so an int8 decoder runs on the CPU here (prune-run and prune-doctor say so);
+# - ORT_GPU_WHEEL, when given, replaces either (a wheel URL: a build of your own).
 # Without it onnxruntime is PyPI's CPU build: the decoder (and any graph without an engine) runs on the CPU, seconds
 # per token for a 7B model, and prune-run prints a warning naming this fix. So the build fails instead, unless
 # ALLOW_CPU_ORT=1 says to ship that image knowingly.
 ARG JETSON_ORT_INDEX=https://pypi.jetson-ai-lab.io/jp6/cu126
 ARG ORT_GPU_WHEEL=
-# ORT_GPU_VERSION: a pip version spec for onnxruntime-gpu, e.g. ==1.23.0 (empty: the newest the source has)
+# ORT_GPU_VERSION: a pip version spec for onnxruntime-gpu, e.g. ==1.23.0 (empty: x86 ==1.19.2, Jetson the newest
+# its index has)
 ARG ORT_GPU_VERSION=
 ARG ALLOW_CPU_ORT=0
 
@@ -42,7 +44,7 @@ COPY calibrate ./calibrate
 # shadow it with one built for another CUDA, so the Jetson variant installs the trt extra without it.
 RUN python3 -m pip install --upgrade pip && \
     if [ "$VARIANT" = "jetson" ]; then \
-        python3 -m pip install . "polygraphy>=0.49" "onnx>=1.15" "cuda-python>=12" "matplotlib>=3.7" ; \
+        python3 -m pip install . "polygraphy>=0.49" "onnx>=1.15" "cuda-python>=12,<13" "matplotlib>=3.7" ; \
     else \
         python3 -m pip install ".[trt,plot]" ; \
     fi && \
@@ -56,7 +58,7 @@ RUN python3 -m pip uninstall -y onnxruntime && \
     elif [ "$VARIANT" = "jetson" ]; then \
         python3 -m pip install --no-deps --index-url "$JETSON_ORT_INDEX" "onnxruntime-gpu${ORT_GPU_VERSION}" ; \
     else \
-        python3 -m pip install --no-deps "onnxruntime-gpu${ORT_GPU_VERSION}" ; \
+        python3 -m pip install --no-deps "onnxruntime-gpu${ORT_GPU_VERSION:-==1.19.2}" ; \
     fi || { [ "$ALLOW_CPU_ORT" = "1" ] && python3 -m pip install onnxruntime ; }
 # Fail loudly if the GPU build is not what `import onnxruntime` gives (the provider list is compiled in, so this holds
 # at build time, when the GPU may not be visible; prune-run reports a provider that fails to load at run time).

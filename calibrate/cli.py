@@ -26,15 +26,16 @@ HOLDOUT = 8  # images held out for the accuracy report by default, at most a qua
 def _parser():
     p = argparse.ArgumentParser(
         prog="prune-calibrate", formatter_class=HelpFormatter,
-        description="INT8 calibration of a bundle's vision buckets: Q/DQ ONNX graphs (and TensorRT calibration caches "
-                    "where TensorRT is installed) in BUNDLE/int8/, with an accuracy report of the quantised graphs "
+        description="INT8 calibration of a bundle's vision buckets: Q/DQ ONNX graphs (and TensorRT 8.x calibration caches "
+                    "where TensorRT 8.x and its GPU are) in BUNDLE/int8/, with an accuracy report of the quantised graphs "
                     "against fp32 on held-out images. Needs the calibrate extra (onnx).")
     p.add_argument("bundle", type=Path, help="bundle folder written by prune-export")
     p.add_argument("--images", type=Path, required=True,
                    help="folder of representative photos (searched recursively); a few hundred is typical")
     p.add_argument("--num", type=int, default=256, help="images to calibrate with")
     p.add_argument("--algo", default="entropy", choices=["entropy", "minmax", "percentile"],
-                   help="activation range: entropy (KL divergence, TensorRT's default), minmax, or percentile")
+                   help="activation range: entropy (KL divergence, TensorRT's default), minmax, or percentile; TensorRT 8.x "
+                        "caches are entropy only")
     p.add_argument("--holdout", type=int,
                    help=f"images kept out of calibration for the accuracy report (default: min({HOLDOUT}, a quarter "
                         "of the images found); 0 reports on a calibration image")
@@ -118,7 +119,7 @@ def main(argv=None):
     quiet_libraries()
     args = _parser().parse_args(argv)
     require_extra("prune-calibrate", "calibrate", "onnx")  # ONNX Runtime's quantiser reads and writes onnx models
-    from .cache import tensorrt_available, write_cache
+    from .cache import calibration_support, check_algo, write_cache
     from .data import load_calibration_images
     from .qdq import accuracy, quantize
 
@@ -126,6 +127,9 @@ def main(argv=None):
         raise VlmpruneError(f"--num {args.num} must be at least 1", "e.g. --num 256")
     if args.holdout is not None and args.holdout < 0:
         raise VlmpruneError(f"--holdout {args.holdout} must be 0 or more", "e.g. --holdout 8")
+    caches, why_not = calibration_support()
+    if caches:
+        check_algo(args.algo)  # before any work: the caches would be unreadable to prune-build
     bundle = Bundle.open(args.bundle)
     manifest = bundle.manifest
     # Everything goes to a temporary folder inside the bundle and replaces int8/ in one step, with its own record:
@@ -136,7 +140,7 @@ def main(argv=None):
         tmp = make_temp_dir(bundle.folder, OUT)
         try:
             meta = _calibrate(args, bundle, manifest, tmp, load_calibration_images, quantize, accuracy,
-                              tensorrt_available, write_cache)
+                              (caches, why_not), write_cache)
             write_record(tmp, make_record(tmp, written_by="prune-calibrate", meta=meta))
             old = swap_dirs(tmp, bundle.folder / OUT)
             if old is not None:
@@ -154,7 +158,7 @@ def main(argv=None):
     return 0
 
 
-def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quantize, accuracy, tensorrt_available,
+def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quantize, accuracy, support,
                write_cache) -> dict:
     progress = _progress()
     auto = args.holdout is None
@@ -217,9 +221,9 @@ def _calibrate(args, bundle, manifest, tmp: Path, load_calibration_images, quant
         report[bucket["name"]] = accuracy(src, tmp / rel, feeds_for(bucket, eval_px, len(calib_px) if holdout else 0),
                                           _parts(bucket))
         qdq[bucket["name"]] = rel
-        if tensorrt_available():  # pragma: no cover - needs TensorRT
+        if support[0]:  # pragma: no cover - needs TensorRT 8.x and a GPU
             write_cache(src, calib_dir / f"{bucket['name']}.cache", calib_feeds, args.algo)
-    caches = "written" if tensorrt_available() else "not written (TensorRT is not installed here; use the Q/DQ graphs)"
+    caches = "written" if support[0] else f"not written ({support[1]})"
     meta = {
         "for_manifest": bundle.manifest_sha, "algo": args.algo, "tool": tool, "images": int(len(calib_px)),
         "skipped": skipped, "qdq": qdq, "calibration_caches": caches, "accuracy": report,

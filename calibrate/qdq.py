@@ -35,6 +35,12 @@ def excluded_nodes(onnx_path: Path, float_scopes: tuple[str, ...] = (), pinned=N
     return sorted(set(pinned_layers(onnx_path, pinned or _PIN)) | keep)
 
 
+def modelopt_patterns(names: list[str]) -> list[str]:
+    """ModelOpt matches ``nodes_to_exclude`` as regular expressions (``re.match`` against each node name), and node
+    names are full of ``.``, ``[`` and ``/``: each name becomes an escaped, anchored pattern that matches only itself."""
+    return [f"{re.escape(n)}$" for n in names]
+
+
 def modelopt_available() -> bool:
     try:
         import modelopt.onnx.quantization  # noqa: F401
@@ -61,8 +67,10 @@ def quantize(onnx_path: Path, out_path: Path, feeds: list[dict[str, np.ndarray]]
         data = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
         mo_quantize(onnx_path=str(onnx_path), quantize_mode="int8", calibration_data=data,
                     calibration_method={"entropy": "entropy", "minmax": "max"}[algo], calibration_eps=["cpu"],
-                    op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_exclude=exclude,
-                    output_path=str(out_path))
+                    op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_exclude=modelopt_patterns(exclude),
+                    # the parts left unquantised stay in the graph's fp32: ModelOpt's default "fp16" would convert
+                    # them, the pruning subgraph and every LayerNorm included
+                    high_precision_dtype="fp32", output_path=str(out_path))
         return "nvidia-modelopt"
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 

@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method option (repeatable); ranges and defaults: --list-options")
     p.add_argument("--list-options", action=_ListOptions, help="print every method's options, defaults and ranges")
     p.add_argument("--out", type=Path, help="output folder (default: exports/<model>-<method>)")
-    p.add_argument("--target", default=DEFAULT_TARGET, choices=sorted(TARGETS), help="TensorRT version the graphs are for (opset, LayerNorm form, lint); JetPack 5.1 "
-                   "(TensorRT 8.5) needs trt8.5")
+    p.add_argument("--target", default=DEFAULT_TARGET, choices=sorted(TARGETS), help="TensorRT version the graphs are for (opset, LayerNorm form, lint); JetPack 6.0 "
+                   "(TensorRT 8.6) needs trt8.6")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
                    help="vision graphs: fp32, or fp16 (the encoder in fp16; every LayerNorm and the pruning subgraph in "
                         "fp32; validated by kept-index overlap with fp32 PyTorch)")

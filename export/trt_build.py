@@ -3,9 +3,15 @@
 Two ways to build, same settings: ``--via trtexec`` (command lines, printable with ``--dry-run``) and ``--via api``
 (the TensorRT Python API). Precision per target follows ``specs/tensorrt.md``:
 - weakly typed targets (8.5, 8.6, 10.x): ``--fp16``/``--int8``/``--best`` with the pruning subgraph and every
-  LayerNorm pinned to fp32 by layer precision constraints;
-- TensorRT 11 (and 10.12+): the weak flags are gone; only ``--stronglyTyped`` builds of an ONNX whose own dtypes
-  say what runs in which precision (fp32 bundles, or the Q/DQ graph from ``prune-calibrate``).
+  LayerNorm pinned to fp32 by layer precision constraints, on the layers that compute floats only (a layer computing
+  booleans or indices takes no fp32 precision or output type: TensorRT rejects it);
+- TensorRT 11: the weak flags are gone (10.12-10.16 still have them, deprecated); only ``--stronglyTyped`` builds
+  of an ONNX whose own dtypes say what runs in which precision (fp32 bundles, or the Q/DQ graph from
+  ``prune-calibrate``).
+INT8 is for the vision buckets (calibrated: a cache on 8.x, the Q/DQ graph on 10.x/11); the text encoder and the
+decoder, which have no calibration, build at fp16 in an int8 build.
+A real build first checks ``--target`` against the TensorRT that will build (trtexec's banner, or the Python
+module): the option sets differ per version (``targets.py``).
 Engine metadata (TensorRT version, GPU, compute capability, precision) goes into the manifest; the runtime refuses
 an engine built for another TensorRT version or GPU.
 """
@@ -13,6 +19,7 @@ an engine built for another TensorRT version or GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shlex
 import shutil
@@ -29,7 +36,7 @@ from vlmprune.integrity import make_record, write_record
 from vlmprune.errors import VlmpruneError
 from vlmprune.runtime.trt_profile import decoder_profile, shape_strings, text_encoder_profile
 
-from .targets import TARGETS, Target, get_target
+from .targets import TARGETS, Target, check_target, get_target, parse_trt_version
 
 PRECISIONS = ("fp32", "fp16", "int8", "best")
 # Layers kept in fp32: the pruning subgraph (module scope /method/), every LayerNorm (CLIP's pre-norm is spelled
@@ -43,7 +50,9 @@ class EngineJob:
     name: str  # bucket name, "text_encoder" or "decoder"
     onnx: Path
     engine: Path
-    pinned: list[str] = field(default_factory=list)
+    pinned: list[str] = field(default_factory=list)  # layers given fp32 precision
+    pinned_outputs: list[str] = field(default_factory=list)  # layers whose outputs are constrained to fp32
+    precision: str | None = None  # this job's own precision when it differs from the build's
     shapes: dict[str, str] = field(default_factory=dict)  # min/opt/max for dynamic inputs
     calib_cache: Path | None = None
 
@@ -63,6 +72,36 @@ def pinned_layers(onnx_path: Path, pattern: re.Pattern = _PIN) -> list[str]:
 
     return [name for name, op in read_nodes(onnx_path)
             if name and (pattern.search(name) or op in ("LayerNormalization", "SimplifiedLayerNormalization"))]
+
+
+@dataclass
+class Pins:
+    """The fp32 pins of one graph. TensorRT takes a precision only on a layer that computes floats, and an output
+    type only on float outputs: ``setOutputType`` cannot be used on TopK's index output (NvInfer.h, ILayer), and a
+    fp32 precision on a layer that computes booleans fails network validation. So a scope node whose outputs are all
+    float gets both, TopK (float values, int32 indices) gets the precision only, and the rest (comparisons, logic,
+    index reshapes) gets nothing: it computes no float to protect."""
+
+    precisions: list[str]
+    output_types: list[str]
+    skipped: list[str]
+
+
+def fp32_pins(onnx_path: Path, pattern: re.Pattern = _PIN) -> Pins:
+    from .onnx_nodes import FLOAT_TYPES, read_node_types
+
+    pins = Pins([], [], [])
+    for name, op, types in read_node_types(onnx_path):
+        if not name or not (pattern.search(name) or op in ("LayerNormalization", "SimplifiedLayerNormalization")):
+            continue
+        if types and all(t in FLOAT_TYPES for t in types):
+            pins.precisions.append(name)
+            pins.output_types.append(name)
+        elif op == "TopK" and types and types[0] in FLOAT_TYPES:
+            pins.precisions.append(name)
+        else:
+            pins.skipped.append(name)
+    return pins
 
 
 SELECTION_OPS = ("TopK",)  # only the pruning selects: a TopK outside the pinned layers means the scopes missed it
@@ -94,20 +133,26 @@ def plan_jobs(bundle: Path, manifest: dict, target: Target, precision: str, deco
     jobs = []
     pattern = fp32_pattern(manifest)
     for b in manifest["vision"]["buckets"]:
+        pins = fp32_pins(bundle / b["file"], pattern)
         job = EngineJob(b["name"], bundle / b["file"], out_dir / f"{b['name']}.engine",
-                        pinned_layers(bundle / b["file"], pattern))
+                        pins.precisions, pins.output_types)
         if precision == "int8":
-            qdq = _qdq_path(bundle, b)
-            # TensorRT 11 takes only explicit (Q/DQ) quantisation; 8.x only calibration caches; 10.x either
-            if target.trt_version >= (11, 0) or (target.trt_version >= (10, 0) and qdq.exists()):
-                job.onnx = qdq
+            # TensorRT 10.x and 11 build the Q/DQ graph (implicit quantisation is deprecated from 10.0 and gone in
+            # 11); 8.x reads calibration caches, which prune-calibrate writes on a device with TensorRT 8.x
+            if target.trt_version >= (10, 0):
+                job.onnx = _qdq_path(bundle, b)
             else:
                 job.calib_cache = bundle / "int8" / "calib" / f"{b['name']}.cache"
         jobs.append(job)
+    # The text encoder and the decoder have no calibration: --int8 without one makes trtexec calibrate on random
+    # data (RndInt8Calibrator, sampleEngines.cpp), a garbage engine, so a weakly typed int8 build makes them fp16. Strongly typed (11): their
+    # own dtypes.
+    weak_int8 = precision in ("int8", "best") and target.trt_version < (11, 0)
+    side = "fp16" if weak_int8 else None
     if manifest.get("text_encoder"):
         te = manifest["text_encoder"]
         jobs.append(EngineJob("text_encoder", bundle / te["file"], out_dir / "text_encoder.engine",
-                              shapes=shape_strings(text_encoder_profile(te))))
+                              shapes=shape_strings(text_encoder_profile(te)), precision=side))
     if decoder:
         quant = manifest["decoder"].get("quantization")
         if quant:  # MatMulNBits is an ONNX Runtime contrib op; TensorRT has no parser for it
@@ -115,7 +160,7 @@ def plan_jobs(bundle: Path, manifest: dict, target: Target, precision: str, deco
                 f"the bundle's decoder is int{quant['bits']} weight-only (ONNX Runtime's MatMulNBits), which TensorRT "
                 "cannot build", "re-export with --decoder-precision fp16 for a TensorRT decoder, or drop --decoder")
         jobs.append(EngineJob("decoder", bundle / manifest["decoder"]["file"], out_dir / "decoder.engine",
-                              shapes=decoder_shapes(manifest)))
+                              shapes=decoder_shapes(manifest), precision=side))
     return jobs
 
 
@@ -127,6 +172,7 @@ def _qdq_path(bundle: Path, bucket: dict) -> Path:
 def trtexec_command(job: EngineJob, target: Target, precision: str, workspace_mib: int,
                     timing_cache: Path | None = None, trtexec: str = "trtexec", bundle_precision: str = "fp32") -> list[str]:
     """The exact trtexec argv for one engine on one target."""
+    precision = job.precision or precision
     strongly_typed = target.trt_version >= (11, 0)
     if strongly_typed and precision == "best" or strongly_typed and precision == "fp16" and bundle_precision != "fp16":
         raise VlmpruneError(
@@ -153,8 +199,9 @@ def trtexec_command(job: EngineJob, target: Target, precision: str, workspace_mi
     if precision == "fp32":
         cmd.append("--noTF32")  # Ampere/Orin run fp32 in TF32 by default; parity needs true fp32
     if job.pinned and not strongly_typed and precision != "fp32":
-        pins = ",".join(f"{name}:fp32" for name in job.pinned)
-        cmd += ["--precisionConstraints=obey", f"--layerPrecisions={pins}", f"--layerOutputTypes={pins}"]
+        cmd += ["--precisionConstraints=obey", "--layerPrecisions=" + ",".join(f"{n}:fp32" for n in job.pinned)]
+        if job.pinned_outputs:
+            cmd.append("--layerOutputTypes=" + ",".join(f"{n}:fp32" for n in job.pinned_outputs))
     return cmd
 
 
@@ -182,17 +229,46 @@ def build_with_trtexec(job: EngineJob, cmd: list[str], log_dir: Path) -> dict:
     return _gpu_from_trtexec_log(done.stdout)
 
 
-def build_with_api(job: EngineJob, target: Target, precision: str, workspace_mib: int,
-                   timing_cache: Path | None) -> dict:  # pragma: no cover - needs TensorRT and a GPU
+def installed_tensorrt(via: str, trtexec: str) -> tuple[tuple[int, int, int], str]:
+    """The TensorRT version that will build, and what said so: trtexec's banner (``reportTestStart`` prints
+    ``[TensorRT vNNNN]`` before it parses any option), or the Python module's ``__version__``. Checked before anything
+    is printed or created."""
+    from vlmprune.runtime.gpu import trt_install_fix
+
+    if via == "api":
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise VlmpruneError("the TensorRT Python package is not installed",
+                                f"{trt_install_fix()}, or use --via trtexec / --dry-run") from None
+        version = parse_trt_version(str(trt.__version__))
+        if version is None:
+            raise VlmpruneError(f"cannot read the TensorRT version {trt.__version__!r}", trt_install_fix())
+        return version, "the tensorrt Python module"
+    exe = shutil.which(trtexec)
+    if exe is None:
+        raise VlmpruneError(f"{trtexec} was not found on PATH",
+                            "install TensorRT (on Jetson: /usr/src/tensorrt/bin) or use --dry-run to print the commands")
     try:
-        import tensorrt as trt
-    except ImportError:
-        raise VlmpruneError("the TensorRT Python package is not installed",
-                            "pip install '.[trt]' on the device, or use --via trtexec / --dry-run") from None
+        done = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VlmpruneError(f"{trtexec} --help failed ({type(exc).__name__})", "check the trtexec installation") from None
+    version = parse_trt_version(done.stdout + done.stderr)
+    if version is None:
+        raise VlmpruneError(f"{trtexec} printed no TensorRT version banner ([TensorRT vNNNN])",
+                            "give TensorRT's own trtexec with --trtexec")
+    return version, trtexec
+
+
+def build_with_api(job: EngineJob, target: Target, precision: str, workspace_mib: int,
+                   timing_cache: Path | None) -> dict:
+    import tensorrt as trt  # installed_tensorrt checked it, and that --target matches its version
+
+    precision = job.precision or precision
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
-    if int(trt.__version__.split(".")[0]) < 10:
+    if int(trt.__version__.split(".")[0]) < 10:  # EXPLICIT_BATCH: required on 8.x, deprecated in 10, gone in 11
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     strongly_typed = target.trt_version >= (11, 0)
     if strongly_typed:
@@ -211,17 +287,21 @@ def build_with_api(job: EngineJob, target: Target, precision: str, workspace_mib
         if precision in ("int8", "best"):
             config.set_flag(trt.BuilderFlag.INT8)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = set(job.pinned)
+        pinned, outputs = set(job.pinned), set(job.pinned_outputs)  # float layers only (Pins)
         for i in range(network.num_layers):
             layer = network.get_layer(i)
             if layer.name in pinned:
                 layer.precision = trt.float32
+            if layer.name in outputs:
                 for j in range(layer.num_outputs):
                     layer.set_output_type(j, trt.float32)
         if precision == "int8" and job.calib_cache is not None:
             from polygraphy.backend.trt import Calibrator
 
-            config.int8_calibrator = Calibrator(data_loader=[], cache=str(job.calib_cache))  # reads the cache only
+            # reads the cache only; Polygraphy's default base class is IInt8EntropyCalibrator2, the one
+            # prune-calibrate writes with (calibrate/cache.py)
+            config.int8_calibrator = Calibrator(data_loader=[], cache=str(job.calib_cache),
+                                                BaseClass=trt.IInt8EntropyCalibrator2)
     if job.shapes:
         profile = builder.create_optimization_profile()
         specs = {k: dict(p.split(":") for p in v.split(",")) for k, v in job.shapes.items()}
@@ -294,6 +374,9 @@ def main(argv=None):
             continue
         jobs = plan_jobs(bundle, manifest, target, args.precision, args.decoder)
         _check_inputs(jobs, args.precision, target, dry_run=args.dry_run, bundle=bundle)
+        if not args.dry_run:  # before anything is printed or created
+            version, where = installed_tensorrt(args.via, args.trtexec)
+            check_target(target, version, where)
         if args.dry_run:
             try:
                 lines = [shlex.join(trtexec_command(job, target, args.precision, args.workspace, args.timing_cache,
@@ -327,19 +410,34 @@ def _check_inputs(jobs: list[EngineJob], precision: str, target: Target, dry_run
     if not missing:
         return
     names = ", ".join(p.relative_to(bundle).as_posix() for p in missing)
+    # Q/DQ graphs are written by every prune-calibrate; calibration caches only where TensorRT 8.x and its GPU are
+    # (calibrate/cache.py), so the fix names the machine to run it on
+    where = " on the device, with TensorRT 8.x and its GPU (the caches need them)" if target.trt_version < (10, 0) else ""
+    fix = f"run `prune-calibrate {bundle} --images DIR`{where}"
     if dry_run:
         verb = "does" if len(missing) == 1 else "do"
-        print(f"prune-build: warning: {target.name} int8: {names} {verb} not exist yet; run `prune-calibrate "
-              f"{bundle} --images DIR` before running these commands", file=sys.stderr)
+        print(f"prune-build: warning: {target.name} int8: {names} {verb} not exist yet; {fix} before running these "
+              "commands", file=sys.stderr)
         return
-    raise VlmpruneError(f"INT8 for {target.name} needs {names}", "run `prune-calibrate BUNDLE --images DIR` first")
+    raise VlmpruneError(f"INT8 for {target.name} needs {names}", fix)
 
 
 def _build(opened: Bundle, jobs: list[EngineJob], target: Target, args) -> None:
     """Engines go to a temporary folder, get their own record (with the TensorRT/GPU metadata), and replace
     ``engines/<target>-<precision>/`` in one step; the export's record and manifest are never rewritten."""
     final = jobs[0].engine.parent
+    created = not final.parent.exists()
     final.parent.mkdir(exist_ok=True)
+    try:
+        _build_into(opened, jobs, target, args, final)
+    except BaseException:
+        if created:  # a failed first build leaves no empty engines/ folder behind
+            with contextlib.suppress(OSError):
+                final.parent.rmdir()
+        raise
+
+
+def _build_into(opened: Bundle, jobs: list[EngineJob], target: Target, args, final: Path) -> None:
     with DirLock(final.parent, final.name, str(final)):
         for line in clean_leftovers(final.parent):
             print(line, file=sys.stderr)
@@ -354,7 +452,7 @@ def _build(opened: Bundle, jobs: list[EngineJob], target: Target, args) -> None:
                     meta = build_with_trtexec(job, trtexec_command(job, target, args.precision, args.workspace,
                                                                    args.timing_cache, args.trtexec,
                                                                    opened.manifest.get("precision", "fp32")), tmp)
-                else:  # pragma: no cover - needs TensorRT and a GPU
+                else:
                     meta = build_with_api(job, target, args.precision, args.workspace, args.timing_cache)
                 print(f"[{n}/{len(jobs)}] {job.name} built in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
                 entries[job.name] = job.engine.name

@@ -88,6 +88,7 @@ class Environment:
     ort_providers: list[str]
     tensorrt: bool
     gpu: GpuInfo
+    ort_version: str = ""  # onnxruntime.__version__ ("" in hand-built environments: no version limit applied)
 
     @property
     def ort_has_gpu(self) -> bool:
@@ -99,7 +100,35 @@ def detect_environment() -> Environment:
 
     # find_spec does not import: tensorrt's import initialises CUDA, which --plan must not need
     return Environment(list(ort.get_available_providers()), importlib.util.find_spec("tensorrt") is not None,
-                       detect_gpu())
+                       detect_gpu(), ort.__version__)
+
+
+# 8-bit MatMulNBits has a CUDA kernel from ONNX Runtime 1.22 on (microsoft/onnxruntime PR 24509, "[Cuda] support 8
+# bits in MatMulNBits", release 1.22.0); before it, a session with the CUDA provider fails to create.
+MATMULNBITS_CUDA = {4: (1, 17), 8: (1, 22)}
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in str(text).split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def matmulnbits_on_cuda(bits: int, ort_version: str) -> bool:
+    """Whether this ONNX Runtime runs ``bits``-bit MatMulNBits on its CUDA provider ("" : assume it does)."""
+    need = MATMULNBITS_CUDA.get(bits)
+    return not ort_version or need is not None and version_tuple(ort_version)[:2] >= need
+
+
+def ort_trt_cache_dir() -> Path:
+    """Where ONNX Runtime's TensorRT provider keeps the engines it builds (without a cache it rebuilds them on every
+    start): the user's vlmprune cache. The provider creates the folder."""
+    root = os.environ.get("VLMPRUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vlmprune")
+    return Path(root) / "ort-tensorrt"
 
 
 def ort_gpu_fix(gpu: GpuInfo) -> str:
@@ -108,3 +137,13 @@ def ort_gpu_fix(gpu: GpuInfo) -> str:
         return (f"install the JetPack build of onnxruntime-gpu (pip install onnxruntime-gpu --index-url "
                 f"{JETSON_ORT_INDEX}, or the vlmprune:jetson image)")
     return "pip uninstall onnxruntime && pip install onnxruntime-gpu (the CUDA 12 build on PyPI)"
+
+
+def trt_install_fix(gpu: GpuInfo | None = None) -> str:
+    """How to get the TensorRT Python module here, in one clause. On Jetson it comes with JetPack: PyPI's
+    ``tensorrt`` sdist refuses to build on Tegra, so ``pip install vlmprune[trt]`` is the wrong advice there."""
+    gpu = gpu or detect_gpu()
+    if gpu.kind == "jetson":
+        return ("on Jetson TensorRT comes with JetPack: sudo apt install python3-libnvinfer (or use the vlmprune:jetson "
+                "image), then pip install polygraphy 'cuda-python>=12,<13'")
+    return "pip install 'vlmprune[trt]' (an x86 machine with an NVIDIA driver)"

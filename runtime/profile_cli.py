@@ -91,8 +91,8 @@ def profile_trt(bundle, manifest: dict, iterations: int, warmup: int, engines_ke
         raise VlmpruneError(f"{trtexec} was not found on PATH", "install TensorRT or use --from-log / --backend ort")
     logs.mkdir(parents=True, exist_ok=True)
     paths = []
-    major = int(str(engines.meta.get("trt_version") or "10").split(".")[0])
-    pct = ",".join(map(str, PERCENTILES)) if major >= 10 else "99"  # 8.x takes one percentile
+    # a comma list on every target: 8.5's sampleOptions.cpp splits --percentile on commas as 10.x does
+    pct = ",".join(map(str, PERCENTILES))
     for name, rel in engines.meta["files"].items():
         if name in ("decoder", "text_encoder"):
             continue

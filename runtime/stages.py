@@ -27,7 +27,7 @@ from vlmprune.bundle import Bundle, Derived, bucket_for
 from vlmprune.errors import VlmpruneError
 
 from .backends import _PREFERRED, choose_providers
-from .gpu import GPU_PROVIDERS, Environment, detect_environment, ort_gpu_fix
+from .gpu import GPU_PROVIDERS, Environment, detect_environment, matmulnbits_on_cuda, ort_gpu_fix, ort_trt_cache_dir
 from .trt_decoder import binding_plan, manifest_dtypes
 from .trt_profile import Profile, decoder_profile, shape_strings, text_encoder_profile
 
@@ -36,6 +36,14 @@ MODEL_STAGES = ("text_encoder", "vision", "decoder")
 DECODER_CHOICES = ("auto", "fused", "plain")
 TRT_EP, CUDA_EP, CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 SHORT = {TRT_EP: "TensorRT", CUDA_EP: "CUDA", CPU_EP: "CPU"}
+
+
+def trt_ep_cache() -> dict:
+    """ONNX Runtime TensorRT provider options that keep its engines (and timings) across starts: without them it
+    rebuilds every engine on every start (onnxruntime docs, TensorRT Execution Provider, trt_engine_cache_enable)."""
+    folder = str(ort_trt_cache_dir())
+    return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": folder,
+            "trt_timing_cache_enable": "True", "trt_timing_cache_path": folder}
 GPU_DEVICE = "cuda:0"
 
 
@@ -177,8 +185,15 @@ class StagePlanner:
                              "rebuild its engines; build a decoder engine for TensorRT)")
         allowed = self.manifest["decoder"].get("providers") if decoder else None
         if allowed:  # int8/int4 MatMulNBits: an ONNX Runtime contrib op with CPU and CUDA kernels only
+            bits = (self.manifest["decoder"].get("quantization") or {}).get("bits")
+            too_old = CUDA_EP in allowed and bits and not matmulnbits_on_cuda(bits, self.env.ort_version)
+            if too_old:  # the session would fail to create on the CUDA provider
+                allowed = [p for p in allowed if p != CUDA_EP]
+                if CUDA_EP in providers:
+                    notes.append(f"int{bits} MatMulNBits has a CUDA kernel from ONNX Runtime 1.22 on (this is "
+                                 f"{self.env.ort_version}): the decoder runs on the CPU; upgrade onnxruntime-gpu")
             kept = [p for p in providers if p in allowed]
-            if kept != providers:
+            if kept != providers and not (too_old and CUDA_EP in providers):
                 quant = self.manifest["decoder"].get("quantization") or {}
                 what = f"int{quant['bits']} MatMulNBits" if quant.get("bits") else "this decoder"
                 notes.append(f"{what} runs on {', '.join(SHORT.get(p, p) for p in allowed)} only")
@@ -188,10 +203,11 @@ class StagePlanner:
     def _ort(self, name: str, file: str, *, decoder: bool = False, profile: Profile | None = None) -> Stage:
         providers, notes = self.ort_providers(decoder)
         options = None
-        if TRT_EP in providers and profile is not None:  # the manifest's profile, as prune-build would use
-            shapes = shape_strings(profile)
-            options = [{f"trt_profile_{k}_shapes": shapes[k] for k in ("min", "opt", "max")} if p == TRT_EP else {}
-                       for p in providers]
+        if TRT_EP in providers:  # the manifest's profile, as prune-build would use, and an engine cache
+            shapes = shape_strings(profile) if profile is not None else {}
+            trt = {**{f"trt_profile_{k}_shapes": shapes[k] for k in ("min", "opt", "max") if k in shapes},
+                   **trt_ep_cache()}
+            options = [trt if p == TRT_EP else {} for p in providers]
         return Stage(name, "onnxruntime", _device(providers), file, providers=providers, detail="; ".join(notes),
                      provider_options=options)
 

@@ -12,15 +12,12 @@ from vlmprune.errors import VlmpruneError
 from .backends import Backend
 
 
-def current_device() -> dict:  # pragma: no cover - needs a GPU
-    """Name and compute capability of GPU 0, through cuda-python."""
-    from cuda import cudart
+def current_device() -> dict:
+    """Name and compute capability of GPU 0, through cuda-python (12 or 13: ``cuda_rt``)."""
+    from .cuda_rt import device_properties
 
-    err, props = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        raise VlmpruneError("no CUDA device is available", "TensorRT engines need an NVIDIA GPU")
-    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    return {"gpu": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
+    props = device_properties(0)
+    return {"gpu": props["gpu"], "compute_capability": props["compute_capability"]}
 
 
 def check_engine_compat(meta: dict, trt_version: str, gpu: str, compute_capability: str, engine_name: str = "engine") -> None:
@@ -52,7 +49,9 @@ class TrtBackend(Backend):  # pragma: no cover - needs TensorRT and a GPU
             from polygraphy.backend.common import BytesFromPath
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
         except ImportError:
-            raise VlmpruneError("TensorRT is not installed here", "install the 'trt' extra on the device, or use ONNX Runtime") from None
+            from .gpu import trt_install_fix
+
+            raise VlmpruneError("TensorRT is not installed here", f"{trt_install_fix()}, or use ONNX Runtime") from None
         check_engine_compat(meta, trt.__version__, **current_device(), engine_name=engine_path.name)
         self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
         self.runner.activate()

@@ -289,8 +289,9 @@ def load_trt_decoder(engine_path: Path, meta: dict, spec: dict,
     try:
         import tensorrt as trt
     except ImportError:
-        raise VlmpruneError("TensorRT is not installed here", "install the 'trt' extra on the device (JetPack ships it), "
-                            "or run without --engines") from None
+        from .gpu import trt_install_fix
+
+        raise VlmpruneError("TensorRT is not installed here", f"{trt_install_fix()}, or run without --engines") from None
     from .trt_backend import check_engine_compat, current_device
 
     check_engine_compat(meta, trt.__version__, **current_device(), engine_name=engine_path.name)
