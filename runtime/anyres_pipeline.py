@@ -141,7 +141,8 @@ class AnyresPipeline(Pipeline):
         out = decode(self.decoder, self.table, embeds, positions, next_pos, max_context=max_ctx,
                      max_new_tokens=max_new_tokens, eos=self.decoder_spec.get("eos_token_id"),
                      decode_text=self.prompt.decode, timings=t, start=start, temperature=temperature, top_p=top_p,
-                     seed=seed, on_text=on_text, ignore_eos=ignore_eos)
+                     seed=seed, on_text=on_text, ignore_eos=ignore_eos,
+                     hooks=self.reuse)
         generated, text, stop = out.tokens, out.text, out.stop
         return Result(text=text, token_ids=generated, bucket=bucket["name"], keep=bucket["keep"],
                       visual_tokens_kept=len(offsets), visual_tokens_total=req["total"], prompt_tokens=embeds.shape[1],

@@ -101,6 +101,7 @@ class Pipeline:
         self.decoder = self._make_decoder(decoder)
         self.num_patches = m["vision"]["view"]["num_patches"]
         self._vision: dict[str, OrtBackend] = {}
+        self.reuse = None  # reuse.Reuse: caches shared across requests (prune-serve); None runs every graph
         self._text = None
         if m["text_encoder"]:
             self._clip_tokenizer = load_tokenizer(self.bundle.path(m["text_encoder"]["tokenizer"]), "CLIP tokenizer")
@@ -152,7 +153,8 @@ class Pipeline:
             else:
                 backend = self._backend(bucket["file"], stage=stage)
             self._vision[bucket["name"]] = check_io(backend, bucket, f"the graph of bucket {bucket['name']}")
-        return self._vision[bucket["name"]]
+        backend = self._vision[bucket["name"]]
+        return backend if self.reuse is None else self.reuse.vision(backend, bucket["file"])
 
     def text_backend(self):
         """The text encoder's backend: its TensorRT engine where ``--engines`` has one, else ONNX Runtime."""
@@ -260,7 +262,8 @@ class Pipeline:
         out = decode(self.decoder, self.table, embeds, positions, next_pos, max_context=max_ctx,
                      max_new_tokens=max_new_tokens, eos=self.decoder_spec.get("eos_token_id"),
                      decode_text=self.prompt.decode, timings=t, start=start, temperature=temperature, top_p=top_p,
-                     seed=seed, on_text=on_text, ignore_eos=ignore_eos)
+                     seed=seed, on_text=on_text, ignore_eos=ignore_eos,
+                     hooks=self.reuse)
         generated, text, stop = out.tokens, out.text, out.stop
         return Result(
             text=text,
