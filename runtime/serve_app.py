@@ -169,34 +169,35 @@ async def _generate(state: ServeState, request: Request, req, bundle, keep, arri
 
     task = asyncio.ensure_future(asyncio.wait_for(engine.execute(bundle, work, cancel, admitted), timeout))
 
+    watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
+
     def finished(t: asyncio.Future) -> None:
-        if t.cancelled():
-            events.put_nowait(("error", asyncio.CancelledError()))
-        elif t.exception() is not None:
-            events.put_nowait(("error", t.exception()))
+        """Counted here, whatever becomes of the response (a streaming client may be gone already)."""
+        watcher.cancel()
+        if t.cancelled() or t.exception() is not None:
+            exc = asyncio.CancelledError() if t.cancelled() else t.exception()
+            _failure(state, exc, cancel, deadline)  # counts the outcome
+            events.put_nowait(("error", exc))
         else:
+            result, reused = t.result()
+            _observe(state, bundle, result, reused, arrival, started, _outcome(result, matcher, cancel, deadline))
             events.put_nowait(("done", t.result()))
 
     task.add_done_callback(finished)
-    watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
     try:
         first = await events.get()  # a failure before the first token is still a plain JSON error
     except asyncio.CancelledError:
         cancel.set()
         raise
     if first[0] == "error":
-        watcher.cancel()
-        return _failure(state, first[1], cancel, deadline)
+        return _failure(state, first[1], cancel, deadline, count=False)
     if not req.stream:
-        try:
-            while first[0] != "done":
-                first = await events.get()
-        finally:
-            watcher.cancel()
+        while first[0] != "done":
+            first = await events.get()
         if first[0] == "error":
-            return _failure(state, first[1], cancel, deadline)
+            return _failure(state, first[1], cancel, deadline, count=False)
         return _complete(state, bundle, req, matcher, first[1], arrival, started, cancel, deadline)
-    watcher.cancel()  # streaming: Starlette cancels the generator when the client goes
+    # streaming: the watcher goes on (a closed connection shows as http.disconnect), and so does the count above
     return StreamingResponse(_stream(state, bundle, req, matcher, first, events, arrival, started, cancel, deadline),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -268,7 +269,6 @@ def _observe(state: ServeState, bundle, result, reused: int, arrival: float, sta
 def _complete(state, bundle, req, matcher, done, arrival, started, cancel, deadline):
     result, reused = done
     outcome = _outcome(result, matcher, cancel, deadline)
-    _observe(state, bundle, result, reused, arrival, started, outcome)
     if outcome != "ok":
         return _failure(state, TimeoutError() if outcome == "timeout" else asyncio.CancelledError(), cancel, deadline,
                         count=False)
@@ -300,13 +300,11 @@ async def _stream(state, bundle, req, matcher, first, events, arrival, started, 
             if item[0] == "text":
                 yield _sse(chunk({"content": item[1]}))
             elif item[0] == "error":
-                response = _failure(state, item[1], cancel, deadline)
-                yield _sse(json.loads(response.body))
+                yield _sse(json.loads(_failure(state, item[1], cancel, deadline, count=False).body))
                 break
             else:
                 result, reused = item[1]
                 outcome = _outcome(result, matcher, cancel, deadline)
-                _observe(state, bundle, result, reused, arrival, started, outcome)
                 if outcome != "ok":
                     why = TimeoutError() if outcome == "timeout" else asyncio.CancelledError()
                     yield _sse(json.loads(_failure(state, why, cancel, deadline, count=False).body))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -81,9 +82,6 @@ def main(argv=None) -> int:
     require_extra("prune-serve", "serve", "fastapi", "uvicorn", "prometheus_client")
     config, limits, max_body = build(args)
     if args.ray:
-        require_extra("prune-serve --ray", "serve", "ray.serve")
-        from .serve_ray import run_ray
-
         autoscaling = None
         if args.autoscaling:
             try:
@@ -94,6 +92,9 @@ def main(argv=None) -> int:
                 raise VlmpruneError("--autoscaling is not a JSON object", "give e.g. '{\"min_replicas\": 1}'")
         if args.replicas < 1:
             raise VlmpruneError(f"--replicas {args.replicas} must be at least 1", "give e.g. --replicas 2")
+        require_extra("prune-serve --ray", "ray", "ray.serve")
+        from .serve_ray import run_ray
+
         return run_ray(config, limits, max_body, host=args.host, port=args.port, replicas=args.replicas,
                        address=args.ray_address, autoscaling=autoscaling, replica_cpus=args.replica_cpus,
                        run_seconds=args.run_seconds)
@@ -109,8 +110,10 @@ def main(argv=None) -> int:
     app = create_app(lambda: state)
     print(f"prune-serve: {', '.join(engine.bundles)} on http://{args.host}:{args.port}/v1 "
           f"({config.max_concurrency} running, {config.max_queue} queued, cache {config.cache_mb:g} MB)", flush=True)
+    # SIGTERM/SIGINT: uvicorn stops accepting and waits for the requests in flight (bounded by the timeout), then
+    # restores the handlers it found and raises the signal again: this handler makes that SIGTERM a clean exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        # SIGTERM/SIGINT: uvicorn stops accepting and waits for the requests in flight (bounded by the timeout)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=int(config.request_timeout) + 5)
     finally:
