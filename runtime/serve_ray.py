@@ -52,7 +52,8 @@ def run_ray(config: ServeConfig, limits: Limits, max_body: int, *, host: str, po
     config = replace(config, bundles=[str(Path(b).resolve()) for b in config.bundles])
     limits = replace(limits, image_dirs=[Path(d).resolve() for d in limits.image_dirs])
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
+    # one HTTP proxy, on the head node: nodes that share a host (a test's loopback cluster) would fight for the port
+    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
     options = {"name": "vlmprune",
                "ray_actor_options": {"num_cpus": replica_cpus,
                                      "num_gpus": 1 if detect_environment().gpu.present else 0},
