@@ -312,3 +312,34 @@ def test_json_shapes_follow_openai(server):
     assert set(body) >= {"id", "object", "created", "model", "choices", "usage"}
     assert json.dumps(body)  # plain JSON
     assert data_uri(image(3)).startswith("data:image/png;base64,")
+
+
+def test_serve_bench_follow_up_row_reuses_the_image_prefix(bundles):
+    """The README's follow-up row (serve_bench): the second question's prefill starts after the kept image tokens.
+    Timings are reported, not asserted (speed targets belong in benchmarks)."""
+    from vlmprune.runtime.serve_bench import follow_up
+
+    row = follow_up(str(bundles["llava"]), images=2, keep=0.25, max_tokens=2)
+    assert row["keep"] == 0.25 and row["reused_tokens"] >= 144 and row["reused_tokens"] < row["prompt_tokens"]
+    assert row["follow_up_over_first"] == row["ttft_follow_up_ms"] / row["ttft_first_ms"] > 0
+
+
+def test_the_server_needs_neither_torch_nor_transformers():
+    """The runtime rule (design card): prune-serve's modules import with torch and transformers blocked."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "torchvision"):
+                    raise ImportError("blocked " + name)
+        sys.meta_path.insert(0, Block())
+        import vlmprune.runtime.serve_cli, vlmprune.runtime.serve_app, vlmprune.runtime.serve_engine
+        import vlmprune.runtime.serve_bench, vlmprune.runtime.reuse
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
