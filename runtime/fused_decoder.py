@@ -87,8 +87,9 @@ class FusedDecoder:
     def restore(self, arrays: list[np.ndarray], length: int) -> None:
         """Start from the first ``length`` tokens of a ``snapshot``, written into the preallocated buffer."""
         if length > self.capacity:
+            # only a snapshot from another decoder could be this long: the caches are scoped per bundle and decoder
             raise VlmpruneError(f"a cached prefix of {length} tokens exceeds the KV buffer of {self.capacity}",
-                                "use a smaller --cache-mb or none")
+                                "serve with --cache-mb 0 and report this")
         for dst, src in zip(self.cache_arrays, arrays):
             dst[:, :, :length] = src[:, :, :length]
         self.length = length
