@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
