@@ -189,6 +189,20 @@ class OrtDecoder:
         self.past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
         self.length = 0
 
+    def snapshot(self, length: int) -> list[np.ndarray] | None:
+        """Copies of the first ``length`` tokens' KV, one array per past input (``reuse``); None on a device."""
+        if self.device != "cpu" or length > self.length:
+            return None
+        return [np.ascontiguousarray(v.numpy()[:, :, :length]) for v in self.past]
+
+    def restore(self, arrays: list[np.ndarray], length: int) -> None:
+        """Start from the first ``length`` tokens of a ``snapshot`` (the arrays are shared: they are only read)."""
+        import onnxruntime as ort
+
+        self.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a[:, :, :length], self.kv_dtype))
+                     for a in arrays]
+        self.length = length
+
     def step(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Run S new tokens; returns the logits of the last one [V] (for one token: a view that the next step
         overwrites) and keeps the cache."""

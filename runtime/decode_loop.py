@@ -19,19 +19,23 @@ from .sampling import next_token
 class Decoded:
     tokens: list[int]
     text: str
-    stop: str  # "eos", "length" or "context"
+    stop: str  # "eos", "length", "context" or "cancelled"
 
 
 def decode(decoder, table: np.ndarray, embeds: np.ndarray, positions: np.ndarray, next_pos: int, *, max_context: int,
            max_new_tokens: int, eos: int | None, decode_text: Callable[[list[int]], str], timings, start: float,
            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, position_rank: int = 2,
-           on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Decoded:
-    """Fill ``timings`` (prefill_ms, ttft_ms from ``start``, tpot_ms, total_ms) and return the generated tokens."""
+           on_text: Callable[[str], None] | None = None, ignore_eos: bool = False, hooks=None) -> Decoded:
+    """Fill ``timings`` (prefill_ms, ttft_ms from ``start``, tpot_ms, total_ms) and return the generated tokens.
+
+    ``hooks`` (``reuse.Reuse``, optional): the prefill starts after the longest cached KV prefix of the stitched
+    sequence and leaves the prompt's KV for later requests; ``hooks.cancelled()`` stops the loop before a step."""
     budget = min(max_new_tokens, max_context - next_pos)
     rng = np.random.default_rng(seed)
     decoder.reset()
     t0 = time.perf_counter()
-    logits = decoder.step(embeds, positions)
+    reused = hooks.before_prefill(decoder, embeds, positions) if hooks is not None else 0
+    logits = decoder.step(embeds[:, reused:], positions[..., reused:])
     timings.prefill_ms = (time.perf_counter() - t0) * 1e3
     generated: list[int] = []
     emitted = ""
@@ -55,9 +59,14 @@ def decode(decoder, table: np.ndarray, embeds: np.ndarray, positions: np.ndarray
                 emitted = text
         if len(generated) >= budget:
             break
+        if hooks is not None and hooks.cancelled():  # a client gone, a stop string seen, a deadline passed
+            stop = "cancelled"
+            break
         step_position[...] = next_pos  # a preallocated position and a view of the table: nothing allocated per token
         logits = decoder.step(rows[token][None, None], step_position)
         next_pos += 1
+    if hooks is not None:  # after the answer, so the copy is not in its TTFT; the prompt's rows are still there
+        hooks.after_prefill(decoder, embeds.shape[1])
     end = time.perf_counter()
     timings.total_ms = (end - start) * 1e3
     after_first = max(0, len(generated) - 1) if stop != "eos" else len(generated)

@@ -78,6 +78,22 @@ class FusedDecoder:
         # The buffer needs no clearing: GroupQueryAttention reads only the first seqlens_k + 1 positions.
         self.length = 0
 
+    def snapshot(self, length: int) -> list[np.ndarray] | None:
+        """Copies of the first ``length`` tokens' KV (``reuse``); None when the buffer lives on a device."""
+        if self.cache_arrays is None or length > self.length:
+            return None
+        return [a[:, :, :length].copy() for a in self.cache_arrays]
+
+    def restore(self, arrays: list[np.ndarray], length: int) -> None:
+        """Start from the first ``length`` tokens of a ``snapshot``, written into the preallocated buffer."""
+        if length > self.capacity:
+            # only a snapshot from another decoder could be this long: the caches are scoped per bundle and decoder
+            raise VlmpruneError(f"a cached prefix of {length} tokens exceeds the KV buffer of {self.capacity}",
+                                "serve with --cache-mb 0 and report this")
+        for dst, src in zip(self.cache_arrays, arrays):
+            dst[:, :, :length] = src[:, :, :length]
+        self.length = length
+
     def bind(self, embeds: np.ndarray, cache_length: int) -> None:
         """Point the bindings at ``embeds [1, S, D]`` (contiguous, the graph's dtype) after ``cache_length``
         cached tokens. Used by ``step`` and by the benchmark's bare-session timing."""

@@ -134,6 +134,7 @@ class Pipeline:
         self.position_rank = graph_io.DecoderNames.of(m["decoder"]).position_rank  # [B, S], or [3, B, S] (M-RoPE)
         self.num_patches = self.family.num_patches
         self._vision: dict[str, OrtBackend] = {}
+        self.reuse = None  # reuse.Reuse: caches shared across requests (prune-serve); None runs every graph
         self._text = None
         if m["text_encoder"]:
             self._clip_tokenizer = load_tokenizer(self.bundle.path(m["text_encoder"]["tokenizer"]), "CLIP tokenizer")
@@ -189,7 +190,8 @@ class Pipeline:
             else:
                 backend = self._backend(bucket["file"], stage=stage)
             self._vision[bucket["name"]] = check_io(backend, bucket, f"the graph of bucket {bucket['name']}")
-        return self._vision[bucket["name"]]
+        backend = self._vision[bucket["name"]]
+        return backend if self.reuse is None else self.reuse.vision(backend, bucket["file"])
 
     def text_backend(self):
         """The text encoder's backend: its TensorRT engine where ``--engines`` has one, else ONNX Runtime."""
@@ -306,7 +308,7 @@ class Pipeline:
                      max_context=self.decoder_spec["max_context"], max_new_tokens=max_new_tokens,
                      eos=self.decoder_spec.get("eos_token_id"), decode_text=self.prompt.decode, timings=t,
                      start=req.start, temperature=temperature, top_p=top_p, seed=seed,
-                     position_rank=self.position_rank, on_text=on_text, ignore_eos=ignore_eos)
+                     position_rank=self.position_rank, on_text=on_text, ignore_eos=ignore_eos, hooks=self.reuse)
         return Result(
             text=out.text,
             token_ids=out.tokens,

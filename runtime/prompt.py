@@ -28,6 +28,30 @@ def load_tokenizer(path: Path, what: str = "tokenizer") -> Tokenizer:
         raise VlmpruneError(f"cannot read the bundle's {what} {Path(path).name}: {first}", "re-export the bundle") from None
 
 
+class Conversation(str):
+    """A whole chat (``messages`` in the chat template's form: roles, and content as text or a list of ``text`` and
+    ``image`` parts) passed where a prompt goes. As a string it is the last user message's text: what a text-guided
+    pruning method reads. ``PromptBuilder`` renders every message through the bundle's chat template."""
+
+    messages: list[dict]
+
+    def __new__(cls, messages: list[dict]):
+        users = [m for m in messages if m.get("role") == "user"]
+        last = users[-1]["content"] if users else ""
+        if not isinstance(last, str):
+            last = " ".join(p.get("text", "") for p in last if p.get("type") == "text")
+        self = super().__new__(cls, last)
+        self.messages = messages
+        return self
+
+    def texts(self) -> list[str]:
+        out = []
+        for m in self.messages:
+            c = m.get("content")
+            out += [c] if isinstance(c, str) else [p.get("text", "") for p in c if p.get("type") == "text"]
+        return out
+
+
 class PromptBuilder:
     def __init__(self, tokenizer_path: Path, prompt_spec: dict):
         self.spec = prompt_spec
@@ -47,6 +71,8 @@ class PromptBuilder:
 
         A prompt that already holds the placeholder keeps it where the user put it; otherwise the chat template
         puts the image where the model expects it."""
+        if isinstance(prompt, Conversation):
+            return self._conversation(prompt)
         _check_text(prompt)
         count = prompt.count(self.image_token)
         if count > 1:
@@ -60,9 +86,21 @@ class PromptBuilder:
             return prompt
         return self._messages(prompt, count)
 
+    def _conversation(self, chat: Conversation) -> str:
+        for text in chat.texts():
+            _check_text(text)
+            spelled = [c for c in self.control + [self.image_token] if c in text]
+            if spelled:  # in a rendered chat the text cannot be told from the template: refused, never obeyed
+                raise VlmpruneError(f"a message spells the control token {spelled[0]!r}",
+                                    "remove it from the message text (images go in image parts)")
+        if self.template is None:
+            raise VlmpruneError("the bundle has no chat template, so a conversation cannot be rendered",
+                                "send one user message holding the image placeholder")
+        return self.template.render(messages=chat.messages, add_generation_prompt=True)
+
     def encode(self, prompt: str) -> list[int]:
         rendered = self.render(prompt)
-        if any(c in prompt for c in self.control):
+        if not isinstance(prompt, Conversation) and any(c in prompt for c in self.control):
             ids = self._encode_with_literal_user_text(prompt, rendered)
         else:
             ids = self.tokenizer.encode(rendered, add_special_tokens=True).ids
