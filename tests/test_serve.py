@@ -22,7 +22,7 @@ from serve_helpers import Server, data_uri, image, user  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = {"llava": ("tiny-llava", {}), "next": ("tiny-llava-next", {"layouts": ["2x2"]}),
+FAMILIES = {"llava": ("tiny-llava", {}), "next": ("tiny-llava-next", {"family_options": {"layouts": ["2x2"]}}),
             "qwen": ("tiny-qwen2.5-vl", {})}
 
 
