@@ -19,9 +19,9 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarise(plans: list[BundlePlan], dataset: Dataset, records: dict) -> list[dict]:
+def summarise(plans: list[BundlePlan], dataset: Dataset, records: dict, vqa_convention: str = "lmms-eval") -> list[dict]:
     """One row per bundle and bucket, over the items every selected bucket of that bundle answered (so the
-    buckets of a bundle are compared on the same items)."""
+    buckets of a bundle are compared on the same items). VQA accuracy follows ``vqa_convention``."""
     rows = []
     for plan in plans:
         items = [i for i in dataset.items
@@ -30,7 +30,7 @@ def summarise(plans: list[BundlePlan], dataset: Dataset, records: dict) -> list[
         for bucket in plan.buckets:
             recs = [(i, records[key(plan.bundle_id, bucket["name"], i)]) for i in items]
             agree = [agreement(r, refs[i.qid]) for i, r in recs]
-            scored = [reference_scores(r["text"], list(i.answers)) for i, r in recs if i.answers]
+            scored = [reference_scores(r["text"], list(i.answers), vqa_convention) for i, r in recs if i.answers]
             row = {
                 "bundle": plan.label, "bundle_path": str(plan.folder), "bundle_id": plan.bundle_id,
                 "line": plan.method, "method": bucket["method"], "bucket": bucket["name"], "keep": bucket["keep"],
