@@ -18,11 +18,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmprune.errors import VlmpruneError
 
+from .resample import FILTERS as RESAMPLE_FILTERS
+from .resample import resize_window
+
 MAX_PIXELS = 100_000_000  # 100 MP: larger inputs are refused before decoding
 MAX_FILE_BYTES = 1 << 30  # no photo format needs more; a larger "image" is refused before it is read
-# Above this many output pixels the shortest-edge resize computes only the part the center crop keeps (Pillow's
-# ``box``): a 10000x1 image would otherwise resize to 336 x 3,360,000. Below it the whole image is resized, exactly
-# as transformers does.
+# Above this many output pixels the shortest-edge resize computes only the part the center crop keeps (the same
+# pixels, see resize_then_crop): a 10000x1 image would otherwise resize to 336 x 3,360,000. Below it the whole
+# image is resized, as transformers does.
 DIRECT_RESIZE_MAX_PIXELS = 16_000_000
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -127,10 +130,9 @@ def resize_shortest_edge(image: Image.Image, shortest: int, resample: str) -> Im
 
 
 def resize_then_crop(image: Image.Image, shortest: int, resample: str, crop: tuple[int, int]) -> Image.Image:
-    """The part of the shortest-edge resize that a center crop of ``crop`` (height, width) keeps, computed directly:
-    Pillow's ``box`` resamples a source region with the full resize's scale and filter support, so memory and time
-    follow the crop, not the resized image."""
-    w, h = image.size
+    """The part of the shortest-edge resize that a center crop of ``crop`` (height, width) keeps, computed directly
+    and pixel for pixel equal to cropping the full resize (``runtime/resample.py`` says why Pillow's ``box`` is not):
+    memory and time follow the crop, not the resized image."""
     new_w, new_h = shortest_edge_size(image.size, shortest)
     ch, cw = crop
 
@@ -138,9 +140,13 @@ def resize_then_crop(image: Image.Image, shortest: int, resample: str, crop: tup
         return ((new - c) // 2, c) if new >= c else (0, new)
 
     (left, width), (top, height) = span(new_w, cw), span(new_h, ch)
-    sx, sy = w / new_w, h / new_h
-    box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
-    return image.resize((width, height), _FILTERS[resample], box=box)
+    window = (left, top, left + width, top + height)
+    if resample not in RESAMPLE_FILTERS:  # nearest: Pillow samples, no rounding passes to reproduce
+        w, h = image.size
+        sx, sy = w / new_w, h / new_h
+        return image.resize((width, height), _FILTERS[resample], box=(left * sx, top * sy, (left + width) * sx,
+                                                                     (top + height) * sy))
+    return Image.fromarray(resize_window(np.asarray(image), (new_w, new_h), window, resample), image.mode)
 
 
 def center_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
