@@ -34,10 +34,10 @@ def _parser():
                    help="folder of representative photos (searched recursively); a few hundred is typical")
     p.add_argument("--num", type=int, default=256, help="images to calibrate with")
     p.add_argument("--algo", default="entropy", choices=["entropy", "minmax", "percentile"],
-                   help="activation range: entropy (KL divergence, TensorRT's default), minmax, or percentile")
+                   help="activation range: entropy (KL divergence, as TensorRT's entropy calibrator), minmax, or percentile")
     p.add_argument("--holdout", type=int,
-                   help=f"images kept out of calibration for the accuracy report (default: min({HOLDOUT}, a quarter "
-                        "of the images found); 0 reports on a calibration image")
+                   help=f"images kept out of calibration for the accuracy report (default: the smaller of {HOLDOUT} and "
+                        "a quarter of the images found); with 0 the report uses a calibration image")
     return p
 
 

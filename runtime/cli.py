@@ -36,16 +36,16 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", help="run every graph that has a TensorRT engine from prune-build on TensorRT (vision "
                                      "buckets, text encoder, decoder), e.g. trt10-fp16")
     p.add_argument("--decoder", default="auto", choices=["auto", "fused", "plain"],
-                   help="LLM decoder: the --engines decoder engine where there is one, else the fused one "
+                   help="LLM decoder: auto takes the --engines decoder engine where there is one, else the fused one "
                         "(decoder_fused.onnx) where the bundle has it and the provider is CPU/CUDA, else the "
-                        "standard-op one (auto, default); fused or plain force that ONNX Runtime decoder")
+                        "standard-op one; fused or plain force that ONNX Runtime decoder (default: auto)")
     p.add_argument("--plan", action="store_true",
                    help="print where each stage would run (backend and device) and exit, loading no graph")
     p.add_argument("--require-gpu", action="store_true",
                    help="fail instead of warning when a stage would run on the CPU (or there is no NVIDIA GPU)")
     p.add_argument("--verify", default="quick", choices=["quick", "full"],
                    help="bundle check before loading: quick (sizes, small files hashed, a sample digest of large "
-                        "ones; default) or full (sha256 of every byte)")
+                        "ones) or full (sha256 of every byte) (default: quick)")
     p.add_argument("--stream", action="store_true",
                    help="print text as it is generated (with --json: on stderr, the JSON on stdout at the end)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (answer, timings, stages)")

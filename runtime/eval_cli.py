@@ -62,8 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", default="contiguous", choices=["contiguous", "original"],
                    help="position ids of the kept image tokens (default contiguous)")
     p.add_argument("--vqa-convention", default="lmms-eval", choices=VQA_CONVENTIONS,
-                   help="VQA accuracy as lmms-eval's VQAv2 task scores it (default; the papers' tables use it) or as "
-                        "the official vqaEval.py does (vqaeval: normalises only when the references disagree)")
+                   help="VQA accuracy as lmms-eval's VQAv2 task scores it (the papers' tables use it) or as the "
+                        "official vqaEval.py does (vqaeval: normalises only when the references disagree; "
+                        "default: lmms-eval)")
     p.add_argument("--provider", help="ONNX Runtime provider (default: TensorRT, CUDA, CPU, whichever is present)")
     p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's)")
     p.add_argument("--plain-progress", action="store_true", help="progress as plain lines even if tqdm is installed")
