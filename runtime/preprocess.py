@@ -9,6 +9,7 @@ clipped, palette and grayscale images are expanded, and huge or corrupt files ge
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
 from pathlib import Path
@@ -27,6 +28,7 @@ MAX_FILE_BYTES = 1 << 30  # no photo format needs more; a larger "image" is refu
 # pixels, see resize_then_crop): a 10000x1 image would otherwise resize to 336 x 3,360,000. Below it the whole
 # image is resized, as transformers does.
 DIRECT_RESIZE_MAX_PIXELS = 16_000_000
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -61,6 +63,9 @@ def _open_regular(path: Path):
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image file, refusing missing, corrupt, oversized or non-regular ones with one clear
     line. The EXIF orientation is applied, as transformers' ``load_image`` does (a phone photo arrives upright)."""
+    if isinstance(path, str) and _URL.match(path):  # before Path() collapses the "//"
+        raise VlmpruneError(f"image {path} is a URL; vlmprune reads local files and does not fetch URLs",
+                            "download it first (e.g. curl -L -o image.jpg URL) and pass the file")
     path = Path(path)
     with _open_regular(path) as f:
         try:
@@ -82,10 +87,29 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise
         except Image.DecompressionBombError as exc:
             raise VlmpruneError(f"image {path} is too large to decode safely ({exc})", "downscale it first") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        except UnidentifiedImageError:  # its message names Pillow's file object, not the file
+            raise VlmpruneError(f"cannot read image {path}: not an image format Pillow recognises ({_sniff(path)})",
+                                "pass a valid PNG, JPEG, WebP, BMP or TIFF file") from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
             raise VlmpruneError(f"cannot read image {path}: corrupt or not a supported format ({exc})",
                                 "pass a valid PNG, JPEG, WebP, BMP or TIFF file") from None
     return image
+
+
+def _sniff(path: Path) -> str:
+    """A few words on what the file is instead, for the error line."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return "unreadable"
+    if not head:
+        return "the file is empty"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown binary content"
+    return "it is a text file"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -136,6 +136,15 @@ def test_bad_images_get_one_clear_line(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:400])
     with pytest.raises(VlmpruneError, match="cannot read image"):
         load_image(truncated)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    with pytest.raises(VlmpruneError) as info:
+        load_image(text)
+    assert str(info.value) == (f"cannot read image {text}: not an image format Pillow recognises (it is a text file); "
+                               "pass a valid PNG, JPEG, WebP, BMP or TIFF file")
+    for url in ("https://example.com/cat.jpg", "http://x/y.png", "s3://bucket/key.jpg"):
+        with pytest.raises(VlmpruneError, match=f"image {url} is a URL; vlmprune .* does not fetch URLs"):
+            load_image(url)
     huge = tmp_path / "huge.png"
     _png_header_only(huge, 40000, 30000)
     with pytest.raises(VlmpruneError, match=r"40000x30000 \(1200 MP\), over the 100 MP limit"):
