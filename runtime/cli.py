@@ -160,7 +160,7 @@ def viz_main(argv=None):
     from vlmprune.errors import VlmpruneError
 
     from .anyres_pipeline import AnyresPipeline, open_pipeline
-    from .viz import POOLING, Row, compose, model_view, overlay
+    from .viz import POOLING, Row, compose, model_view, overlay, view_words
 
     _check_picture_path(args.out)
     image = _image(args.image)
@@ -168,10 +168,9 @@ def viz_main(argv=None):
     for folder in args.bundles:
         pipe = open_pipeline(folder)
         if isinstance(pipe, AnyresPipeline):  # LLaVA-NeXT: base view and unpadded raster panels per bucket
-            from .anyres_viz import anyres_panels
+            from .anyres_viz import ANYRES_VIEW, anyres_panels
 
-            rows.append(Row(f"{Path(folder).resolve().name}  ({folder})", anyres_panels(pipe, image, args.keep,
-                                                                                         args.prompt)))
+            rows.append(Row(f"bundle {folder}: {ANYRES_VIEW}", anyres_panels(pipe, image, args.keep, args.prompt)))
             continue
         if args.keep:
             chosen = []
@@ -201,9 +200,9 @@ def viz_main(argv=None):
                         "unpruned: every patch kept" if bucket["method"] == "none" else
                         "text-guided: selected for the prompt" if text_guided else "image-only: the prompt plays no part")
             panels.append(overlay(view, kept[0].tolist(), grid, title, note, pool=pool))
-        rows.append(Row(f"bundle {folder}", panels))
+        rows.append(Row(f"bundle {folder}: {view_words(image, pipe.preprocess)}", panels))
     image_name = "the built-in sample picture" if args.image == "sample" else Path(args.image).name
-    title_lines = [f"image: {image_name}, as the model sees it (its crop, resized)",
+    title_lines = [f"image: {image_name}; each row shows it as that bundle's model sees it",
                    f"prompt: \"{args.prompt}\""]
     from PIL import Image
 
