@@ -20,6 +20,10 @@ STAGES = [("preprocess_ms", "preprocess"), ("text_encoder_ms", "text encoder"), 
           ("prefill_ms", "prefill")]
 
 
+# Figures are laid out at the resolution they are saved at: text widths do not scale exactly with the resolution.
+DPI = 120
+
+
 def _plt():
     import matplotlib
 
@@ -42,13 +46,13 @@ def stage_segments(row: dict) -> tuple[list[tuple[str, float]], float, float]:
 def plot_ttft(report: dict, rows: list[dict], path: Path) -> Path:
     plt = _plt()
     fig = ttft_figure(plt, report, rows)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.1)  # nothing cut at the edge
     plt.close(fig)
     return path
 
 
 def ttft_figure(plt, report: dict, rows: list[dict]):
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=DPI)
     for method in dict.fromkeys(r["method"] for r in rows):
         color = method_color(method)
         pts = sorted((r["keep"], r["ttft_ms"]) for r in rows if r["method"] == method)
@@ -71,7 +75,7 @@ def ttft_figure(plt, report: dict, rows: list[dict]):
 def plot_stages(rows: list[dict], path: Path) -> Path:
     plt = _plt()
     fig = stages_figure(plt, rows)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.1)  # nothing cut at the edge
     plt.close(fig)
     return path
 
@@ -91,7 +95,7 @@ def stages_figure(plt, rows: list[dict]):
             x += 1
         groups.append((method, (start + x - 1) / 2))
         x += 0.8  # gap between methods
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.62 * len(ordered) + 4.5), 4.8))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.62 * len(ordered) + 4.5), 4.8), dpi=DPI)
     bottom = np.zeros(len(ordered))
     bars = [stage_segments(r) for r in ordered]
     for i, (name, _) in enumerate(bars[0][0]):

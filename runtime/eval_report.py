@@ -166,7 +166,7 @@ def plot(report: dict, path: Path) -> Path | None:
     metrics = ([("vqa_accuracy", "VQA accuracy")] if report["dataset"]["labelled"] else []) + [
         ("identical_answer", "identical greedy answer (vs unpruned)"), ("token_f1", "token F1 (vs unpruned)")]
     color = _palette()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False, dpi=110)
     lines = list(dict.fromkeys((r["line"], r["bundle"]) for r in rows))
     styles = ["-", "--", ":", "-."]
     labels_of: dict[int, list] = {}
@@ -197,7 +197,7 @@ def plot(report: dict, path: Path) -> Path | None:
     for ax in axes[0]:  # after the layout: placement works in the final display coordinates
         place_labels(ax, labels_of.get(id(ax), []), fig.dpi)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     os.replace(tmp, path)
     return path
