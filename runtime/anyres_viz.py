@@ -30,7 +30,8 @@ def raster_panel(image: Image.Image, layout, size_hw, kept: list[int], title: st
     top, bottom, left, right = unpadded_span(size_hw, layout.raster)
     rh, rw = bottom - top, right - left
     if rh <= 0 or rw <= 0:  # a 10000x1 image: unpadding leaves no raster row (or column), as in the model
-        return _empty_panel(title, f"no raster token: the image is thinner than one token {'row' if rh <= 0 else 'column'}")
+        return _empty_panel(title, f"none: the image is under one token {'row' if rh <= 0 else 'column'} high"
+                                   if rh <= 0 else "none: the image is under one token column wide")
     cell = layout.view // layout.side  # pixels of the canvas per token
     region = canvas(image, layout).crop((left * cell, top * cell, right * cell, bottom * cell))
     scale = PANEL / max(region.size)
