@@ -37,8 +37,8 @@ def _parser():
                    help="activation range: entropy (KL divergence, TensorRT's default), minmax, or percentile; TensorRT 8.x "
                         "caches are entropy only")
     p.add_argument("--holdout", type=int,
-                   help=f"images kept out of calibration for the accuracy report (default: min({HOLDOUT}, a quarter "
-                        "of the images found); 0 reports on a calibration image")
+                   help=f"images kept out of calibration for the accuracy report (default: the smaller of {HOLDOUT} and "
+                        "a quarter of the images found); with 0 the report uses a calibration image")
     return p
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlmprune.cli_common import parse_list  # noqa: F401  (re-exported: bench uses it from here)
 from vlmprune.errors import VlmpruneError
 from vlmprune.prune import METHODS, MethodSpec
 
@@ -22,15 +23,6 @@ class Bucket:
     @property
     def file(self) -> str:
         return f"vision_{self.method}_k{self.k}.onnx"
-
-
-def parse_list(text: str | None, kind, flag: str) -> list:
-    if text is None:
-        return []
-    try:
-        return [kind(part) for part in str(text).split(",") if part.strip()]
-    except ValueError:
-        raise VlmpruneError(f"{flag} {text!r} is not a comma-separated list of numbers", f"e.g. {flag} 0.25,0.5") from None
 
 
 def plan_buckets(spec: MethodSpec, options: dict, n: int, grid: tuple[int, int], keeps=(), tokens=()) -> list[Bucket]:

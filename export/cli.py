@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from vlmprune.cli_common import HelpFormatter, main_wrapper, quiet_libraries, require_extra
+from vlmprune.cli_common import HelpFormatter, main_wrapper, parse_list, quiet_libraries, require_extra
 from vlmprune.errors import VlmpruneError
+from vlmprune.methods import METHOD_NAMES, check_method_name
 
 
 def _options(pairs: list[str]) -> dict[str, str]:
@@ -28,6 +29,7 @@ class _ListOptions(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
+        require_extra("prune-export", "export", "torch")  # the options' definitions live with the torch modules
         from vlmprune.prune import METHODS
 
         for spec in METHODS.values():
@@ -37,8 +39,7 @@ class _ListOptions(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlmprune.prune import METHODS
-
+    """Torch-free, so --help reads on the edge install and a mistake is reported before torch loads."""
     from .targets import DEFAULT_TARGET, TARGETS
 
     p = argparse.ArgumentParser(
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="tiny-llava", help="built-in preset, local folder or cached HF id (default: tiny-llava)")
     p.add_argument("--method", required=True,
-                   help=f"pruning method: {', '.join(METHODS)} (options of each: --list-options)")
+                   help=f"pruning method: {', '.join(METHOD_NAMES)} (options of each: --list-options)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--keep", help="keep ratio(s), comma-separated, each in (0, 1]: e.g. 0.25,0.5")
     budget.add_argument("--tokens", help="token budget(s) K, comma-separated, each in 1..N (N = 576 on LLaVA-1.5)")
@@ -93,19 +94,22 @@ def peak_rss_mb() -> float:
 
 @main_wrapper("prune-export")
 def main(argv=None):
-    quiet_libraries()
-    require_extra("prune-export", "export", "torch", "transformers", "onnx")  # before the parser: it lists methods
     args = build_parser().parse_args(argv)
-    from .buckets import parse_list
+    # what can be checked without torch or transformers is checked before they load (seconds on a small board)
+    check_method_name(args.method)
+    keeps, tokens = parse_list(args.keep, float, "--keep"), parse_list(args.tokens, int, "--tokens")
+    options, family_options = _options(args.option), _family_options(args)  # parsers of the family options
+    quiet_libraries()  # imports transformers' logging: after the checks
+    require_extra("prune-export", "export", "torch", "transformers", "onnx")
     from .exporter import ExportRequest, export_bundle
     from .progress import Steps
 
     req = ExportRequest(
         model=args.model,
         method=args.method,
-        keeps=parse_list(args.keep, float, "--keep"),
-        tokens=parse_list(args.tokens, int, "--tokens"),
-        options=_options(args.option),
+        keeps=keeps,
+        tokens=tokens,
+        options=options,
         out=args.out,
         target=args.target,
         precision=args.precision,
@@ -115,7 +119,7 @@ def main(argv=None):
         validate=args.validate,
         clip=args.clip,
         trust_remote_code=args.trust_remote_code,
-        family_options=_family_options(args),
+        family_options=family_options,
     )
     steps = Steps(quiet=args.quiet)
     result = export_bundle(req, steps)

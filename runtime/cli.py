@@ -34,7 +34,7 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="fail instead of warning when a stage would run on the CPU (or there is no NVIDIA GPU)")
     p.add_argument("--verify", default="quick", choices=["quick", "full"],
                    help="bundle check before loading: quick (sizes, small files hashed, a sample digest of large "
-                        "ones; default) or full (sha256 of every byte)")
+                        "ones) or full (sha256 of every byte) (default: quick)")
     p.add_argument("--stream", action="store_true",
                    help="print text as it is generated (with --json: on stderr, the JSON on stdout at the end)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (answer, timings, stages)")
@@ -145,10 +145,9 @@ def viz_main(argv=None):
 
     _check_picture_path(args.out)
     image = _image(args.image)
-    rows, pooled, captions = [], False, []
+    rows, pooled = [], False
     for folder in args.bundles:
         pipe = open_bundle(folder)
-        captions.append(pipe.family.view_caption)
         if args.keep:
             chosen = []
             for k in args.keep:
@@ -175,10 +174,11 @@ def viz_main(argv=None):
                         "text-guided: selected for the prompt" if text_guided else "image-only: the prompt plays no part")
             panels += pipe.family.panels(image, bucket, req.view, req.outputs, req.stitched, title=title, note=note,
                                          pool=pool)
-        rows.append(Row(f"bundle {folder}" + (f"  ({req.view.note})" if req.view.note else ""), panels))
+        note = f" ({req.view.note})" if req.view.note else ""
+        rows.append(Row(f"bundle {folder}{note}: {pipe.family.view_caption}", panels))
     image_name = "the built-in sample picture" if args.image == "sample" else Path(args.image).name
-    caption = captions[0] if len(set(captions)) == 1 else "as each model sees it"
-    title_lines = [f"image: {image_name}, {caption}", f"prompt: \"{args.prompt}\""]
+    title_lines = [f"image: {image_name}; each row shows it as that bundle's model sees it",
+                   f"prompt: \"{args.prompt}\""]
     from PIL import Image
 
     from vlmprune.atomic import atomic_output, ensure_folder

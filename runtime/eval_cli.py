@@ -20,6 +20,8 @@ from pathlib import Path
 from vlmprune.cli_common import add_session_args, main_wrapper, quiet_libraries
 from vlmprune.errors import VlmpruneError
 
+from .eval_metrics import VQA_CONVENTIONS
+
 DATA_HELP = """data formats:
   LLaVA eval JSONL   one object per line: question_id, image (relative to --images, default the file's
                      folder), text, and optionally answer (string) or answers (list)
@@ -28,6 +30,14 @@ DATA_HELP = """data formats:
                      COCO_<subtype>_<id:012d>.jpg, <id:012d>.jpg or <id>.jpg in --images
   image folder       --data DIR of images and one prompt (--prompt-file, or DIR's only .txt file); no labels
 a bad line, a missing or unreadable image is reported in one line, counted as skipped, and the run goes on."""
+
+
+VQA_NOTE = {
+    "lmms-eval": "VQA soft accuracy as lmms-eval's VQAv2 task scores it (vqav2_process_results): both sides "
+                 "normalised, min(1, matches among the other references / 3) averaged over leaving each out",
+    "vqaeval": "VQA soft accuracy as the official vqaEval.py scores it: normalised only when the references "
+               "disagree, min(1, matches among the other references / 3) averaged over leaving each out",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="greedy answer length cap (default 32)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N items only")
     add_session_args(p, decoder=False)
+    p.add_argument("--vqa-convention", default="lmms-eval", choices=VQA_CONVENTIONS,
+                   help="VQA accuracy as lmms-eval's VQAv2 task scores it (the papers' tables use it) or as the "
+                        "official vqaEval.py does (vqaeval: normalises only when the references disagree; "
+                        "default: lmms-eval)")
     p.add_argument("--plain-progress", action="store_true", help="progress as plain lines even if tqdm is installed")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="output folder (rerun with the same one to resume)")
@@ -86,6 +100,10 @@ def evaluate(args: argparse.Namespace, stream=None) -> dict:
     for s in ds.skipped:
         say(f"prune-eval: skipped {s['where']}: {s['reason']}")
     labelled = sum(1 for i in ds.items if i.answers)
+    single = sum(1 for i in ds.items if len(i.answers) == 1)
+    if single:
+        say(f"prune-eval: {single} item(s) have a single reference answer; VQA accuracy scores them 0 (it counts "
+            "agreement with the other annotators, as both reference scripts do); read exact match for them")
     say(f"prune-eval: {len(ds.items)} items ({ds.kind}, {labelled} with reference answers), {len(ds.skipped)} "
         f"skipped; {len(plans)} bundle(s), buckets: "
         + "; ".join(f"{p.label}: {', '.join(b['name'] for b in p.buckets)}" for p in plans))
@@ -103,12 +121,12 @@ def evaluate(args: argparse.Namespace, stream=None) -> dict:
         "dataset": {"kind": ds.kind, "source": ds.source, "items": len(ds.items), "labelled": labelled,
                     "skipped": len(skipped), "skipped_items": skipped},
         "settings": {"max_new_tokens": args.max_new_tokens, "positions": args.positions, "engines": args.engines,
-                     "decoding": "greedy"},
+                     "decoding": "greedy", "vqa_convention": args.vqa_convention},
         "answers": {"computed": outcome.computed, "reused_from_earlier_runs": outcome.reused},
         "metrics": {
             "exact_match": "answer equals the most frequent reference after trimming whitespace, a final period "
                            "and case",
-            "vqa_accuracy": "VQA soft accuracy with the official answer normalisation, leave-one-out averaged",
+            "vqa_accuracy": VQA_NOTE[args.vqa_convention],
             "identical_answer": "same generated token ids as the unpruned bucket",
             "first_token": "same first sampled token as the unpruned bucket (end-of-sequence included)",
             "token_f1": "F1 of the generated token-id multisets against the unpruned bucket's",
@@ -116,7 +134,7 @@ def evaluate(args: argparse.Namespace, stream=None) -> dict:
             "ttft_ms": "median time to first token, from the decoded image (preprocessing included)",
         },
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "rows": summarise(plans, ds, outcome.log.records),
+        "rows": summarise(plans, ds, outcome.log.records, args.vqa_convention),
     }
     report["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -128,14 +146,19 @@ def evaluate(args: argparse.Namespace, stream=None) -> dict:
     return report
 
 
+def _no_plot_reason(report: dict) -> str:
+    if not any(r["items"] for r in report["rows"]):
+        return "no plot (no item was answered by every bucket: see the skipped lines above)"
+    return "no plot (matplotlib is not installed: pip install 'vlmprune[plot]')"
+
+
 @main_wrapper("prune-eval")
 def main(argv=None):
     quiet_libraries()
     args = _parser().parse_args(argv)
     report = evaluate(args)
     print(report["_table"])
-    plot_note = str(report["_plot"]) if report["_plot"] else "no plot (matplotlib is not installed: pip install " \
-                                                             "'vlmprune[plot]')"
+    plot_note = str(report["_plot"]) if report["_plot"] else _no_plot_reason(report)
     a = report["answers"]
     print(f"wrote {args.out / 'results.jsonl'}, {args.out / 'summary.json'}, {args.out / 'summary.md'}, {plot_note} "
           f"({a['computed']} answers computed, {a['reused_from_earlier_runs']} reused, {report['seconds']}s)")

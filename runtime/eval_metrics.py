@@ -2,9 +2,19 @@
 agreement of a pruned bucket's greedy answer with the unpruned bucket's (identical answer, first token, token F1,
 common prefix). Pure Python: no torch, no numpy needed.
 
-The VQA answer normalisation is written by hand from the published rules of the official VQA evaluation script
-(GT-Vision-Lab/VQA, ``vqaEval.py``: punctuation, number words, articles, contractions) because no maintained
-package on PyPI provides it without pulling a framework (lmms-eval, mmpretrain) into the edge runtime.
+VQA accuracy follows one of two reference conventions, named in the report (``--vqa-convention``):
+
+- ``lmms-eval`` (default): lmms-eval's VQAv2 scoring (``lmms_eval/tasks/vqav2/utils.py``
+  ``vqav2_process_results`` with ``EvalAIAnswerProcessor`` from ``_task_utils/vqa_eval_metric.py``), which the
+  pruning papers' tables are computed with. It normalises the prediction and every reference.
+- ``vqaeval``: the official script (GT-Vision-Lab/VQA, ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``
+  ``VQAEval.evaluate``), which normalises only when the references disagree, and tests a "1,000"-style number
+  with one comma between digits where lmms-eval accepts several (``1,,2``).
+
+Both are transcribed rule by rule (not copied; ``tests/test_eval.py`` cites the lines) because no maintained package
+on PyPI provides them without pulling a framework into the edge runtime. Shared quirks kept on purpose, since the
+reported numbers carry them: the period pattern's ``re.UNICODE`` lands in ``count``, so at most 32 periods go; a
+single reference leaves no other annotator to agree with, so it scores 0.
 """
 
 from __future__ import annotations
@@ -47,22 +57,33 @@ NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", 
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = {"a", "an", "the"}
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
-# The official pattern is "(?!<=\d)(\.)(?!\d)": its first group is a (mistyped) lookahead that always holds, so in
-# effect it removes every period not followed by a digit ("3.5" keeps its point, "yes." loses it). Same here.
+# The test for a "1,000"-style number, which makes every punctuation mark vanish instead of becoming a space.
+_NUMBER_COMMA = {"vqaeval": re.compile(r"(\d)(\,)(\d)"), "lmms-eval": re.compile(r"(?<=\d)(\,)+(?=\d)")}
+VQA_CONVENTIONS = tuple(_NUMBER_COMMA)
+# Both references use "(?!<=\d)(\.)(?!\d)": its first group is a (mistyped) lookahead that always holds, so it removes
+# a period not followed by a digit ("3.5" keeps its point, "yes." loses it). Their ``sub("", s, re.UNICODE)`` passes
+# the flag (32) as ``count``: at most 32 periods are removed.
 _PERIOD = re.compile(r"\.(?!\d)")
+_PERIOD_COUNT = int(re.UNICODE)
 
 
-def _punctuation(text: str) -> str:
+def _convention(convention: str) -> str:
+    if convention not in _NUMBER_COMMA:
+        raise ValueError(f"unknown VQA convention {convention!r}; choose one of {', '.join(VQA_CONVENTIONS)}")
+    return convention
+
+
+def _punctuation(text: str, convention: str) -> str:
     out = text
+    number_comma = _NUMBER_COMMA[convention].search(text) is not None
     for p in PUNCTUATION:
-        # Official rule: a mark touching a space, or any mark in a text with a "1,000"-style number, is deleted;
-        # otherwise it becomes a space ("black/white" -> "black white").
-        if (p + " " in text or " " + p in text) or _COMMA_IN_NUMBER.search(text):
+        # A mark touching a space, or any mark in a text with a "1,000"-style number, is deleted; otherwise it
+        # becomes a space ("black/white" -> "black white"). Both tests look at the text as given, not as edited.
+        if (p + " " in text or " " + p in text) or number_comma:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD.sub("", out)
+    return _PERIOD.sub("", out, count=_PERIOD_COUNT)
 
 
 def _digits_articles(text: str) -> str:
@@ -71,27 +92,31 @@ def _digits_articles(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
-def normalize_answer(text: str) -> str:
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def normalize_answer(text: str, convention: str = "lmms-eval") -> str:
     """The VQA evaluation's answer normalisation: whitespace, punctuation, lower case, number words to digits,
     articles dropped, apostrophe-less contractions restored."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return _digits_articles(_punctuation(text))
+    return _digits_articles(_punctuation(_clean(text), _convention(convention)))
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """VQA soft accuracy: ``min(1, #matching references / 3)`` averaged over the leave-one-out subsets of the
-    references (the official averaging over the ten annotators).
+def vqa_accuracy(prediction: str, answers: list[str], convention: str = "lmms-eval") -> float:
+    """VQA soft accuracy: ``min(1, #other references equal to the answer / 3)`` averaged over leaving out each
+    reference in turn (the ten annotators), under ``convention`` (see the module doc).
 
-    The official script normalises only when the references disagree, because VQAv2's references are already
-    normalised and LLaVA / lmms-eval normalise predictions before scoring; this always normalises both sides,
-    which scores VQAv2 the same way and is fair to user references written freely. With one reference there is no
-    subset to leave one out of, so the score is 1 if the normalised answers match, else 0."""
+    The references' answer objects are distinct (each has its ``answer_id``), so "the others" are all but the one
+    left out, duplicates included. With a single reference there is no other, so the score is 0."""
+    convention = _convention(convention)
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer")
-    pred = normalize_answer(prediction)
-    refs = [normalize_answer(a) for a in answers]
-    if len(refs) == 1:
-        return float(pred == refs[0])
+    pred = _clean(prediction)
+    refs = [_clean(a) for a in answers]
+    # vqaEval.py normalises only when the (stripped) references disagree; lmms-eval always does.
+    if convention == "lmms-eval" or len(set(refs)) > 1:
+        pred = _digits_articles(_punctuation(pred, convention))
+        refs = [_digits_articles(_punctuation(r, convention)) for r in refs]
     scores = []
     for i in range(len(refs)):
         matches = sum(1 for j, r in enumerate(refs) if j != i and r == pred)
@@ -160,5 +185,5 @@ def agreement(pruned: dict, unpruned: dict) -> dict[str, float]:
     }
 
 
-def reference_scores(text: str, answers: list[str]) -> dict[str, float]:
-    return {"exact_match": exact_match(text, answers), "vqa_accuracy": vqa_accuracy(text, answers)}
+def reference_scores(text: str, answers: list[str], convention: str = "lmms-eval") -> dict[str, float]:
+    return {"exact_match": exact_match(text, answers), "vqa_accuracy": vqa_accuracy(text, answers, convention)}

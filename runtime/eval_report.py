@@ -19,9 +19,9 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarise(plans: list[BundlePlan], dataset: Dataset, records: dict) -> list[dict]:
+def summarise(plans: list[BundlePlan], dataset: Dataset, records: dict, vqa_convention: str = "lmms-eval") -> list[dict]:
     """One row per bundle and bucket, over the items every selected bucket of that bundle answered (so the
-    buckets of a bundle are compared on the same items)."""
+    buckets of a bundle are compared on the same items). VQA accuracy follows ``vqa_convention``."""
     rows = []
     for plan in plans:
         items = [i for i in dataset.items
@@ -30,7 +30,7 @@ def summarise(plans: list[BundlePlan], dataset: Dataset, records: dict) -> list[
         for bucket in plan.buckets:
             recs = [(i, records[key(plan.bundle_id, bucket["name"], i)]) for i in items]
             agree = [agreement(r, refs[i.qid]) for i, r in recs]
-            scored = [reference_scores(r["text"], list(i.answers)) for i, r in recs if i.answers]
+            scored = [reference_scores(r["text"], list(i.answers), vqa_convention) for i, r in recs if i.answers]
             row = {
                 "bundle": plan.label, "bundle_path": str(plan.folder), "bundle_id": plan.bundle_id,
                 "line": plan.method, "method": bucket["method"], "bucket": bucket["name"], "keep": bucket["keep"],
@@ -111,26 +111,44 @@ _OFFSETS = [(0, 6, "center"), (6, -3, "left"), (-6, -3, "right"), (0, -13, "cent
 
 def place_labels(ax, labels: list[tuple[float, float, str]], dpi: float, size: float = 7.0) -> None:
     """Label each point (keep ratio) at the first nearby spot that overlaps no other label, no marker and stays
-    above the x axis: a greedy placement in points (matplotlib has no label placer of its own)."""
+    inside the axes: a greedy placement in points (matplotlib has no label placer of its own). The spots ring the
+    point at growing distances; a label set further than the first ring gets a thin leader line to its point."""
+    from matplotlib.textpath import TextPath
+
     to_pt = 72.0 / dpi
     anchors = [tuple(v * to_pt for v in ax.transData.transform((x, y))) for x, y, _ in labels]
-    y_floor = ax.transData.transform((0, 0))[1] * to_pt
+    x0, y0, x1, y1 = (v * to_pt for v in ax.get_window_extent().extents)
     markers = [(px - 4, py - 4, px + 4, py + 4) for px, py in anchors]
     placed: list[tuple[float, float, float, float]] = []
 
     def free(box):
-        return box[1] >= y_floor and not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
-                                             for b in placed + markers)
+        inside = box[0] >= x0 and box[2] <= x1 and box[1] >= y0 and box[3] <= y1
+        return inside and not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                                  for b in placed + markers)
 
     for (x, y, text), (px, py) in zip(labels, anchors):
-        w, h = 0.6 * size * len(text), size
-        for dx, dy, ha in _OFFSETS + [_OFFSETS[0]]:
-            left = px + dx - (w / 2 if ha == "center" else w if ha == "right" else 0)
-            box = (left, py + dy, left + w, py + dy + h)
-            if free(box):
+        w, h = TextPath((0, 0), text, size=size).get_extents().width + 2, size + 2  # the text's own width
+        spot = None
+        for ring in range(1, 9):
+            for dx, dy, ha in _OFFSETS:
+                dx, dy = dx * ring, (dy + (3 if dy < 0 else 0)) * ring - (3 if dy < 0 else 0)
+                left = px + dx - (w / 2 if ha == "center" else w if ha == "right" else 0)
+                box = (left, py + dy, left + w, py + dy + h)
+                if free(box):
+                    spot = (dx, dy, ha, ring, box)
+                    break
+            if spot:
                 break
+        if spot is None:  # nowhere free within eight rings: the first spot, said by the test that checks overlaps
+            dx, dy, ha = _OFFSETS[0]
+            left = px + dx - w / 2
+            spot = (dx, dy, ha, 1, (left, py + dy, left + w, py + dy + h))
+        dx, dy, ha, ring, box = spot
         placed.append(box)
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va="bottom", fontsize=size)
+        leader = {"arrowprops": {"arrowstyle": "-", "linewidth": 0.4, "color": "#888888", "shrinkA": 0,
+                                 "shrinkB": 3}} if ring > 1 else {}
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va="bottom", fontsize=size,
+                    **leader)
 
 
 def plot(report: dict, path: Path) -> Path | None:
@@ -148,7 +166,7 @@ def plot(report: dict, path: Path) -> Path | None:
     metrics = ([("vqa_accuracy", "VQA accuracy")] if report["dataset"]["labelled"] else []) + [
         ("identical_answer", "identical greedy answer (vs unpruned)"), ("token_f1", "token F1 (vs unpruned)")]
     color = _palette()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False, dpi=110)
     lines = list(dict.fromkeys((r["line"], r["bundle"]) for r in rows))
     styles = ["-", "--", ":", "-."]
     labels_of: dict[int, list] = {}
@@ -179,7 +197,7 @@ def plot(report: dict, path: Path) -> Path | None:
     for ax in axes[0]:  # after the layout: placement works in the final display coordinates
         place_labels(ax, labels_of.get(id(ax), []), fig.dpi)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     os.replace(tmp, path)
     return path

@@ -44,7 +44,7 @@ class FamilyRuntime:
     """Single-view defaults. ``bundle``: the opened, verified bundle; ``table``: the token-embedding table."""
 
     position_modes: tuple[str, ...] = POSITION_MODES
-    view_caption = "as the model sees it (its crop, resized)"
+    view_caption = "the center crop the model sees, resized"  # prune-viz's row title: how the panels show the image
 
     def __init__(self, bundle: Bundle, table: np.ndarray):
         self.check_manifest(bundle.manifest)

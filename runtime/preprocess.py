@@ -9,6 +9,7 @@ clipped, palette and grayscale images are expanded, and huge or corrupt files ge
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
 from pathlib import Path
@@ -19,11 +20,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from vlmprune.errors import VlmpruneError
 from vlmprune.manifest import RESAMPLE
 
+from .resample import FILTERS as RESAMPLE_FILTERS
+from .resample import resize_window
+
 MAX_PIXELS = 100_000_000  # 100 MP: larger inputs are refused before decoding
 MAX_FILE_BYTES = 1 << 30  # no photo format needs more; a larger "image" is refused before it is read
-# Above this many output pixels the shortest-edge resize computes only the part the center crop keeps (Pillow's
-# ``box``): a 10000x1 image would otherwise resize to 336 x 3,360,000. Below it the whole image is resized, exactly
-# as transformers does.
+# Above this many output pixels the shortest-edge resize computes only the part the center crop keeps (the same
+# pixels, see resize_then_crop): a 10000x1 image would otherwise resize to 336 x 3,360,000. Below it the whole
+# image is resized, as transformers does.
 DIRECT_RESIZE_MAX_PIXELS = 16_000_000
 # The one resample table: the manifest's names (its schema's list) -> Pillow's filters.
 FILTERS = {name: Image.Resampling[name.upper()] for name in RESAMPLE}
@@ -37,6 +41,9 @@ def resample_name(value) -> str:
         return Image.Resampling(int(value)).name.lower()
     except (ValueError, TypeError):
         return "bicubic"
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _open_regular(path: Path):
@@ -63,6 +70,9 @@ def _open_regular(path: Path):
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image file, refusing missing, corrupt, oversized or non-regular ones with one clear
     line. The EXIF orientation is applied, as transformers' ``load_image`` does (a phone photo arrives upright)."""
+    if isinstance(path, str) and _URL.match(path):  # before Path() collapses the "//"
+        raise VlmpruneError(f"image {path} is a URL; vlmprune reads local files and does not fetch URLs",
+                            "download it first (e.g. curl -L -o image.jpg URL) and pass the file")
     path = Path(path)
     with _open_regular(path) as f:
         try:
@@ -84,10 +94,29 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise
         except Image.DecompressionBombError as exc:
             raise VlmpruneError(f"image {path} is too large to decode safely ({exc})", "downscale it first") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        except UnidentifiedImageError:  # its message names Pillow's file object, not the file
+            raise VlmpruneError(f"cannot read image {path}: not an image format Pillow recognises ({_sniff(path)})",
+                                "pass a valid PNG, JPEG, WebP, BMP or TIFF file") from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
             raise VlmpruneError(f"cannot read image {path}: corrupt or not a supported format ({exc})",
                                 "pass a valid PNG, JPEG, WebP, BMP or TIFF file") from None
     return image
+
+
+def _sniff(path: Path) -> str:
+    """A few words on what the file is instead, for the error line."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return "unreadable"
+    if not head:
+        return "the file is empty"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown binary content"
+    return "it is a text file"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -132,10 +161,9 @@ def resize_shortest_edge(image: Image.Image, shortest: int, resample: str) -> Im
 
 
 def resize_then_crop(image: Image.Image, shortest: int, resample: str, crop: tuple[int, int]) -> Image.Image:
-    """The part of the shortest-edge resize that a center crop of ``crop`` (height, width) keeps, computed directly:
-    Pillow's ``box`` resamples a source region with the full resize's scale and filter support, so memory and time
-    follow the crop, not the resized image."""
-    w, h = image.size
+    """The part of the shortest-edge resize that a center crop of ``crop`` (height, width) keeps, computed directly
+    and pixel for pixel equal to cropping the full resize (``runtime/resample.py`` says why Pillow's ``box`` is not):
+    memory and time follow the crop, not the resized image."""
     new_w, new_h = shortest_edge_size(image.size, shortest)
     ch, cw = crop
 
@@ -143,9 +171,13 @@ def resize_then_crop(image: Image.Image, shortest: int, resample: str, crop: tup
         return ((new - c) // 2, c) if new >= c else (0, new)
 
     (left, width), (top, height) = span(new_w, cw), span(new_h, ch)
-    sx, sy = w / new_w, h / new_h
-    box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
-    return image.resize((width, height), FILTERS[resample], box=box)
+    window = (left, top, left + width, top + height)
+    if resample not in RESAMPLE_FILTERS:  # nearest: Pillow samples, no rounding passes to reproduce
+        w, h = image.size
+        sx, sy = w / new_w, h / new_h
+        return image.resize((width, height), FILTERS[resample], box=(left * sx, top * sy, (left + width) * sx,
+                                                                     (top + height) * sy))
+    return Image.fromarray(resize_window(np.asarray(image), (new_w, new_h), window, resample), image.mode)
 
 
 def center_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -130,9 +130,16 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> list[Path]:
         print('matplotlib is not installed: no profile.png (pip install "vlmprune[plot]")', file=sys.stderr)
         return written
     fig = profile_figure(plt, rows, title)
-    fig.savefig(out / "profile.png", dpi=120)
+    fig.savefig(out / "profile.png", dpi=120, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return written + [out / "profile.png"]
+
+
+def series_name(row: dict) -> str:
+    """The bucket's name without its ``-k<K>`` tail: the series the bucket belongs to."""
+    name = str(row.get("name", row.get("method")))
+    stem, sep, k = name.rpartition("-k")
+    return stem if sep and k.isdigit() else name
 
 
 def profile_figure(plt, rows: list[dict], title: str):
@@ -140,7 +147,7 @@ def profile_figure(plt, rows: list[dict], title: str):
     colour per method (``vlmprune.palette``), so run-to-run noise is visible as such."""
     from vlmprune.palette import method_color
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(8.0, 4.2), dpi=120)  # the dpi it is saved at
     metric = rows[0].get("metric", "latency")
     low = "p10" if all("p10" in r for r in rows) else "min"
     high = "p90" if all("p90" in r for r in rows) else "max"  # TensorRT 8.x prints p99 only
@@ -150,13 +157,22 @@ def profile_figure(plt, rows: list[dict], title: str):
 
     keyed = [r for r in rows if r.get("keep") is not None]
     if keyed:
-        for method in dict.fromkeys(r["method"] for r in keyed):
-            mine = sorted((r for r in keyed if r["method"] == method), key=lambda r: r["keep"])
-            ax.errorbar([r["keep"] for r in mine], [r["median"] for r in mine], yerr=whiskers(mine), marker="o",
-                        capsize=3, color=method_color(method),
-                        label=method + (" (unpruned)" if method == "none" else ""))
+        # One line per bucket series: the bucket name without its "-k<K>" tail ("fopru", or "fopru-2x2" where a
+        # bundle has several series per method), so buckets of different series are never joined into one line.
+        series = list(dict.fromkeys((r["method"], series_name(r)) for r in keyed))
+        markers, styles = "osD^vP*X", ["-", "--", ":", "-."]
+        for method, stem in series:
+            mine = sorted((r for r in keyed if (r["method"], series_name(r)) == (method, stem)), key=lambda r: r["keep"])
+            siblings = [s for m, s in series if m == method]
+            i = siblings.index(stem)
+            label = (stem if len(siblings) > 1 else method) + (" (unpruned)" if method == "none" else "")
+            ax.errorbar([r["keep"] for r in mine], [r["median"] for r in mine], yerr=whiskers(mine),
+                        marker=markers[i % len(markers)], linestyle=styles[i % len(styles)], capsize=3,
+                        color=method_color(method), label=label)
         ax.set_xlabel("keep ratio")
-        ax.legend(fontsize=8)
+        many = len(series) > 6
+        ax.legend(fontsize=7 if many else 8, ncol=2 if many else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  frameon=False)
     else:
         ax.bar([r["name"] for r in rows], [r["median"] for r in rows], yerr=whiskers(rows), capsize=3,
                color=[method_color(r["method"]) if r.get("method") else "#7f7f7f" for r in rows])

@@ -9,6 +9,7 @@ model's processor does (one pass over the rendered template).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer
@@ -17,6 +18,8 @@ from vlmprune.errors import VlmpruneError
 
 from .template import ChatTemplate
 
+# Strings spelled like an image placeholder (<image>, <|image_pad|>, <|image|>, <img>, ...), whichever model uses them
+_PLACEHOLDER_LIKE = re.compile(r"<\|?(?:image|img)[a-z_]*\|?>", re.IGNORECASE)
 _SENTINEL = "\ue000vlmprune-user-text\ue001"  # private-use characters: never in a real template
 
 
@@ -74,6 +77,7 @@ class PromptBuilder:
         if isinstance(prompt, Conversation):
             return self._conversation(prompt)
         _check_text(prompt)
+        self._check_foreign_placeholder(prompt)
         count = prompt.count(self.image_token)
         if count > 1:
             raise VlmpruneError(f"the prompt holds {count} image placeholders {self.image_token!r}",
@@ -97,6 +101,17 @@ class PromptBuilder:
             raise VlmpruneError("the bundle has no chat template, so a conversation cannot be rendered",
                                 "send one user message holding the image placeholder")
         return self.template.render(messages=chat.messages, add_generation_prompt=True)
+
+    def _check_foreign_placeholder(self, prompt: str) -> None:
+        """Another model's image placeholder (``<image>`` in a bundle whose placeholder is ``<|image_pad|>``, or the
+        reverse) would be read as plain text and the image put elsewhere, silently: say which one this bundle reads."""
+        for found in dict.fromkeys(_PLACEHOLDER_LIKE.findall(prompt)):
+            if found != self.image_token:
+                raise VlmpruneError(
+                    f"the prompt holds {found!r}, which this bundle reads as plain text: its image placeholder is "
+                    f"{self.image_token!r}",
+                    f"write {self.image_token!r} where the image goes, or leave the placeholder out (the chat "
+                    "template then places the image)")
 
     def encode(self, prompt: str) -> list[int]:
         rendered = self.render(prompt)

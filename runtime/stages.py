@@ -145,7 +145,7 @@ class StagePlanner:
         stage = self._ort("decoder", spec["file"], decoder=True, profile=decoder_profile(spec))
         why_not = fused_refusal(self.manifest, self.decoder_choice, self.positions, stage.providers[0])
         if why_not is not None and self.decoder_choice == "fused":
-            raise VlmpruneError(f"cannot use the fused decoder: {why_not}", "use the plain decoder (--decoder auto)")
+            raise VlmpruneError(f"cannot use the fused decoder: {why_not}", "use --decoder plain")
         notes = []
         if "decoder" in self.files:
             notes.append(f"the decoder engine is not used (--decoder {self.decoder_choice})")

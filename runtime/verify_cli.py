@@ -12,7 +12,7 @@ from vlmprune.cli_common import main_wrapper
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prune-verify", description=__doc__.split("\n\n")[0].strip("`"))
+    p = argparse.ArgumentParser(prog="prune-verify", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("bundle", type=Path, help="bundle folder written by prune-export")
     p.add_argument("--quick", action="store_true",
                    help="sizes, small files hashed and a sample digest of large ones, as prune-run does by default "

@@ -61,6 +61,14 @@ def model_view(image: Image.Image, preprocess) -> Image.Image:
     return to_rgb(image).crop(tuple(int(round(v)) for v in box)).resize((PANEL, PANEL), Image.Resampling.BICUBIC)
 
 
+def view_words(image: Image.Image, preprocess) -> str:
+    """How the panels show the image, from the region the preprocessing keeps: a crop, or the whole image."""
+    w, h = image.size
+    left, top, right, bottom = preprocess.crop_box(image.size)
+    whole = left <= 0.5 and top <= 0.5 and right >= w - 0.5 and bottom >= h - 0.5
+    return "the whole image, resized to the model's view" if whole else "the center crop the model sees, resized"
+
+
 def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
     """``text`` cut with an ellipsis to fit ``width`` pixels."""
     if draw.textlength(text, font=font) <= width:
@@ -112,30 +120,71 @@ def _sheet_width(rows: list[Row]) -> int:
     return max(PAD + cols * (PANEL + PAD), 2 * (PANEL + PAD) + PAD)  # wide enough for the legend
 
 
-def image_origin(row: int, col: int) -> tuple[int, int]:
-    """Top-left pixel of the model view of panel (row, col) in the sheet ``compose`` draws."""
+def image_origin(row: int, col: int, title_h: int = SHEET_TITLE_H) -> tuple[int, int]:
+    """Top-left pixel of the model view of panel (row, col) in the sheet ``compose`` draws (``title_h``: its
+    title block's height, taller than the default when the prompt wraps)."""
     x = PAD + col * (PANEL + PAD)
-    y = SHEET_TITLE_H + row * (ROW_TITLE_H + PANEL_HEADER_H + PANEL + PAD) + ROW_TITLE_H + PANEL_HEADER_H
+    y = title_h + row * (ROW_TITLE_H + PANEL_HEADER_H + PANEL + PAD) + ROW_TITLE_H + PANEL_HEADER_H
     return x, y
+
+
+def wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font, max_lines: int = 12) -> list[str]:
+    """``text`` in lines of at most ``width`` pixels, broken at spaces (inside a word only when one word is wider);
+    past ``max_lines`` the last line ends in an ellipsis. The whole prompt shows: text-guided methods select by it."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        trial = f"{line} {word}" if line else word
+        if draw.textlength(trial, font=font) <= width:
+            line = trial
+            continue
+        if line:
+            lines.append(line)
+        while draw.textlength(word, font=font) > width:  # a word wider than the line: break it
+            cut = len(word)
+            while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + [_fit(draw, " ".join(lines[max_lines - 1:]), width, font)]
+    return lines
+
+
+def title_block(title_lines: list[str], width: int) -> list[str]:
+    """The sheet's title lines as drawn: the image line fitted, the prompt wrapped."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font = _font()
+    out = [_fit(draw, title_lines[0], width - 2 * PAD, font)] if title_lines else []
+    for line in title_lines[1:2]:
+        out += wrap(draw, line, width - 2 * PAD, font)
+    return out
+
+
+def title_height(lines: list[str]) -> int:
+    return max(SHEET_TITLE_H, len(lines) * LINE_H + 6)
 
 
 def compose(rows: list[Row], title_lines: list[str], pooled: bool = False) -> Image.Image:
     """The sheet: ``title_lines`` (image, prompt) on top, one titled row per bundle, a legend at the bottom."""
     width = _sheet_width(rows)
     row_h = ROW_TITLE_H + PANEL_HEADER_H + PANEL + PAD
-    height = SHEET_TITLE_H + len(rows) * row_h + LEGEND_H
+    lines = title_block(title_lines, width)
+    title_h = title_height(lines)
+    height = title_h + len(rows) * row_h + LEGEND_H
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     font, bold = _font(), _font(FONT_SIZE + 1)
-    for i, line in enumerate(title_lines[:2]):
-        draw.text((PAD, 3 + i * LINE_H), _fit(draw, line, width - 2 * PAD, font), fill=INK, font=font)
+    for i, line in enumerate(lines):
+        draw.text((PAD, 3 + i * LINE_H), line, fill=INK, font=font)
     for r, row in enumerate(rows):
-        y = SHEET_TITLE_H + r * row_h
+        y = title_h + r * row_h
         draw.text((PAD, y + 2), _fit(draw, row.title, width - 2 * PAD, bold), fill=INK, font=bold)
         for c, panel in enumerate(row.panels):
-            x, _ = image_origin(r, c)
+            x, _ = image_origin(r, c, title_h)
             sheet.paste(panel, (x, y + ROW_TITLE_H))
-    _legend(draw, SHEET_TITLE_H + len(rows) * row_h, width, font, pooled)
+    _legend(draw, title_h + len(rows) * row_h, width, font, pooled)
     return sheet
 
 

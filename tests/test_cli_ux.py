@@ -73,6 +73,8 @@ def test_base_install_names_the_extra_or_works(bundle, images, tmp_path):
         out = {{}}
         for key, entry, argv in [
             ("export_help", export_main, ["--help"]),
+            ("export_typo", export_main, ["--method", "fopu", "--keep", "0.5"]),
+            ("export", export_main, ["--method", "fopru", "--keep", "0.5"]),
             ("build_dry", build_main, [{str(bundle)!r}, "--dry-run"]),
             ("build_dry_int8", build_main, [{str(bundle)!r}, "--dry-run", "--precision", "int8", "--target", "trt8.6"]),
             ("calibrate", calibrate_main, [{str(bundle)!r}, "--images", {str(images)!r}]),
@@ -80,7 +82,10 @@ def test_base_install_names_the_extra_or_works(bundle, images, tmp_path):
         ]:
             o, e = io.StringIO(), io.StringIO()
             with redirect_stdout(o), redirect_stderr(e):
-                code = entry.run(argv)
+                try:
+                    code = entry.run(argv)
+                except SystemExit as stop:  # --help
+                    code = stop.code
             out[key] = [code, o.getvalue(), e.getvalue()]
         out["heavy"] = sorted({{m.split(".")[0] for m in sys.modules}} & set({BLOCKED!r}))
         print("RESULT" + json.dumps(out))
@@ -90,7 +95,13 @@ def test_base_install_names_the_extra_or_works(bundle, images, tmp_path):
     assert line, done.stderr[-3000:]
     res = json.loads(line[len("RESULT"):])
     assert res["heavy"] == []
-    for key, extra in (("export_help", "export"), ("calibrate", "calibrate"), ("bench", "export")):
+    # --help reads without torch, and a typo is caught before the extra is even needed
+    code, out, err = res["export_help"]
+    assert code == 0 and "--method" in out and "fopru" in out and "--list-options" in out, err
+    code, _, err = res["export_typo"]
+    assert code == 2 and err.strip() == ("prune-export: error: unknown pruning method 'fopu'; did you mean fopru? "
+                                         "choose one of: none, fopru, gprune, gridprune, l2norm, pool")
+    for key, extra in (("export", "export"), ("calibrate", "calibrate"), ("bench", "export")):
         code, _, err = res[key]
         assert code == 2 and len(err.strip().splitlines()) == 1, (key, err)
         assert f'pip install "vlmprune[{extra}]"' in err and "Traceback" not in err
@@ -114,25 +125,53 @@ def _parsers():
     from vlmprune.runtime.cli import _viz_parser as viz
     from vlmprune.runtime.profile_cli import _parser as profile
 
+    from vlmprune.runtime.eval_cli import _parser as evaluate
+    from vlmprune.runtime.verify_cli import _parser as verify
+
     return {"prune-export": export(), "prune-run": run(), "prune-viz": viz(), "prune-profile": profile(),
-            "prune-calibrate": calibrate(), "prune-build": build(), "prune-bench": bench()}
+            "prune-calibrate": calibrate(), "prune-build": build(), "prune-bench": bench(), "prune-verify": verify(),
+            "prune-eval": evaluate()}
+
+
+def _balanced(text: str) -> bool:
+    """Round brackets pair up, once interval notation such as (0, 1] is set aside."""
+    import re
+
+    text = re.sub(r"[(\[][-\w.]+, [-\w.]+[)\]]", "", text)
+    depth = 0
+    for ch in text:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
 
 
 @pytest.mark.parametrize("prog", ["prune-export", "prune-run", "prune-viz", "prune-profile", "prune-calibrate",
-                                  "prune-build", "prune-bench"])
+                                  "prune-build", "prune-bench", "prune-verify", "prune-eval"])
 def test_help_has_text_for_every_option_shows_defaults_and_no_rst(prog):
     parser = _parsers()[prog]
     text = parser.format_help()
     assert "``" not in text and "`" not in (parser.description or "")
+    assert _balanced(parser.description or ""), f"{prog}: unbalanced parentheses in the description"
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
             continue
         assert action.help, f"{prog} {action.option_strings or action.dest} has no help"
+        assert _balanced(action.help), f"{prog} {action.option_strings}: unbalanced parentheses in its help"
         shown = action.default not in (None, False, [], argparse.SUPPRESS) and action.nargs != 0
-        if shown:
-            assert "default" in parser._get_formatter()._get_help_string(action).lower() or "default" in action.help, \
+        if shown:  # "default" followed by the value itself, not just the word (it once said "TensorRT's default")
+            helped = parser._get_formatter()._expand_help(action).lower()
+            value = str(action.default).lower()
+            assert "default" in helped and value in helped[helped.index("default"):], \
                 f"{prog} {action.option_strings}: default {action.default!r} not shown"
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_method_names_are_the_registrys():
+    from vlmprune.methods import METHOD_NAMES
+    from vlmprune.prune import METHODS
+
+    assert METHOD_NAMES == tuple(METHODS)
 
 
 def test_help_says_what_users_asked():

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import vqa_reference
+
 from preset_geometry import preset_tokens, spec_k
 from vlmprune.errors import VlmpruneError
 from vlmprune.runtime.api import PrunedVLM
@@ -23,8 +25,8 @@ from vlmprune.export.progress import Steps
 from vlmprune.runtime.eval_cli import main as eval_main
 from vlmprune.runtime.eval_data import load_dataset
 from vlmprune.runtime.eval_demo import make_demo_dataset
-from vlmprune.runtime.eval_metrics import (agreement, common_prefix, exact_match, normalize_answer, token_f1,
-                                           vqa_accuracy)
+from vlmprune.runtime.eval_metrics import (VQA_CONVENTIONS, agreement, common_prefix, exact_match, normalize_answer,
+                                           token_f1, vqa_accuracy)
 from vlmprune.runtime.eval_progress import LineProgress
 from vlmprune.runtime.pipeline import Pipeline
 
@@ -75,12 +77,66 @@ def test_vqa_normalisation_follows_the_official_rules(raw, normal):
 def test_vqa_accuracy_is_the_leave_one_out_average():
     refs = lambda n: ["2"] * n + ["many"] * (10 - n)  # noqa: E731
     # each of the ten subsets of nine scores min(1, matches / 3)
-    assert vqa_accuracy("two", refs(4)) == 1.0
-    assert vqa_accuracy("2", refs(3)) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
-    assert vqa_accuracy("2", refs(2)) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
-    assert vqa_accuracy("2", refs(1)) == pytest.approx(9 * (1 / 3) / 10)
-    assert vqa_accuracy("3", refs(4)) == 0.0
-    assert vqa_accuracy("The Blue.", ["blue"]) == 1.0 and vqa_accuracy("navy", ["blue"]) == 0.0
+    for convention in VQA_CONVENTIONS:
+        assert vqa_accuracy("two", refs(4), convention) == 1.0
+        assert vqa_accuracy("2", refs(3), convention) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
+        assert vqa_accuracy("2", refs(2), convention) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
+        assert vqa_accuracy("2", refs(1), convention) == pytest.approx(9 * (1 / 3) / 10)
+        assert vqa_accuracy("3", refs(4), convention) == 0.0
+        # one reference: no other annotator to agree with (vqaEval.py:106, utils.py:38), so 0 even on a match
+        assert vqa_accuracy("The Blue.", ["blue"], convention) == 0.0
+
+
+# Where the references' rules bite: unanimous references (vqaEval.py:98 normalises only when they differ), a
+# single reference, more than 32 periods (the re.UNICODE flag passed as count), "1,,2" (lmms-eval's \d,+\d
+# against the official \d,\d), punctuation touching a space, and ordinary answers.
+VQA_CASES = [
+    ("Yes", ["yes"] * 10), ("yes", ["yes"] * 10), ("Two", ["2"] * 10), ("two", ["two"] * 10),
+    ("The Blue.", ["blue"]), ("blue", ["blue"]), ("yes", ["yes", "yes"]),
+    ("yes" + "." * 40, ["yes"] * 5 + ["no"] * 5), ("no" + ". " * 35, ["no", "No", "no ", "nope"]),
+    ("1,,2 a/b", ["1,,2 a/b", "12 b", "1 2 b", "x"]), ("1,,2 a/b", ["12 b"] * 3 + ["1 2 b"] * 3),
+    ("red, white", ["red white"] * 4 + ["red"]), ("black/white", ["black white"] * 3 + ["gray"] * 7),
+    ("1,000", ["1000"] * 3 + ["1,000"] * 3), ("3.5", ["3.5", "3 5", "35"]), ("it's a\tdog\n", ["it's dog", "dog"]),
+    ("Dont know", ["don't know"] * 3 + ["dont know"]), ("  None ", ["0", "zero", "none", "1"]),
+    ("(a) cat!", ["cat"] * 6 + ["a cat"] * 4), ("2 dogs", ["Two dogs."] * 10),
+]
+
+
+@pytest.mark.parametrize("prediction, answers", VQA_CASES)
+def test_vqa_accuracy_matches_transcriptions_of_both_references(prediction, answers):
+    """Checked against tests/vqa_reference.py: lmms-eval's vqav2_process_results (the papers' numbers) and the
+    official vqaEval.py (file and lines cited there)."""
+    assert vqa_accuracy(prediction, answers) == pytest.approx(vqa_reference.lmms_eval(prediction, answers))
+    assert vqa_accuracy(prediction, answers, "lmms-eval") == pytest.approx(vqa_reference.lmms_eval(prediction,
+                                                                                                   answers))
+    assert vqa_accuracy(prediction, answers, "vqaeval") == pytest.approx(vqa_reference.official(prediction, answers))
+
+
+def test_vqa_conventions_differ_where_the_references_do():
+    assert vqa_accuracy("Yes", ["yes"] * 10, "lmms-eval") == 1.0
+    assert vqa_accuracy("Yes", ["yes"] * 10, "vqaeval") == 0.0  # unanimous references: no normalisation
+    assert normalize_answer("1,,2 a/b", "lmms-eval") == "12 ab"
+    assert normalize_answer("1,,2 a/b", "vqaeval") == "1 2 b"
+    assert normalize_answer("no" + "." * 40) == "no" + "." * 8  # at most 32 periods go
+    with pytest.raises(ValueError, match="unknown VQA convention"):
+        vqa_accuracy("yes", ["yes"], "coco")
+
+
+def test_vqa_accuracy_matches_the_transcriptions_on_generated_answers():
+    """Seeded answers built from the tokens the rules treat specially, against both transcriptions."""
+    import random
+
+    rng = random.Random(22)
+    tokens = ["a", "the", "An", "two", "None", "dont", "yes", "Yes.", "1,000", "1,,2", "3.5", "black/white",
+              "red,", ", blue", "(x)", "!", "?", "it's", "..", "\t", " "]
+    make = lambda: " ".join(rng.choice(tokens) for _ in range(rng.randint(1, 4)))  # noqa: E731
+    for _ in range(400):
+        pool = [make() for _ in range(3)]
+        answers = [rng.choice(pool) for _ in range(rng.choice([1, 2, 3, 10]))]
+        prediction = rng.choice(pool + [make()])
+        assert vqa_accuracy(prediction, answers) == pytest.approx(vqa_reference.lmms_eval(prediction, answers))
+        assert vqa_accuracy(prediction, answers, "vqaeval") == pytest.approx(vqa_reference.official(prediction,
+                                                                                                    answers))
 
 
 def test_exact_match_uses_the_most_frequent_reference():
@@ -223,6 +279,11 @@ def test_prune_eval_writes_results_table_and_plot(bundle, data, tmp_path, capsys
         assert row["exact_match"] == sum(light(r["text"]) == light(a) for r, a in zip(recs, answers)) / 4
     assert rows[NONE]["identical_answer"] == rows[NONE]["first_token"] == 1.0
     assert rows[NONE]["exact_match"] >= 0.25  # item 0 at least
+    # one reference per item: VQA accuracy has no other annotator to agree with (both references score 0), and the
+    # run says so rather than leaving a silent 0
+    assert report["settings"]["vqa_convention"] == "lmms-eval" and "lmms-eval" in report["metrics"]["vqa_accuracy"]
+    assert all(row["vqa_accuracy"] == 0.0 for row in rows.values())
+    assert "4 item(s) have a single reference answer; VQA accuracy scores them 0" in captured.err
     table = (out / "summary.md").read_text()
     assert f"| fopru | 0.25 | {K[0.25]} | 4 |" in table and "VQA acc" in table and table in captured.out
     png = Image.open(out / "pareto.png")
@@ -233,6 +294,12 @@ def test_prune_eval_writes_results_table_and_plot(bundle, data, tmp_path, capsys
                           "--max-new-tokens", TOKENS]) == 0
     assert (out / "results.jsonl").read_bytes() == before
     assert "0 answers computed, 12 reused" in capsys.readouterr().out
+    # the other convention rescoring the same stored answers: nothing recomputed, the convention recorded
+    assert eval_main.run([str(bundle), "--data", str(labelled), "--images", str(data.parent), "--out", str(out),
+                          "--max-new-tokens", TOKENS, "--vqa-convention", "vqaeval"]) == 0
+    assert (out / "results.jsonl").read_bytes() == before
+    report = json.loads((out / "summary.json").read_text())
+    assert report["settings"]["vqa_convention"] == "vqaeval" and "vqaEval.py" in report["metrics"]["vqa_accuracy"]
 
 
 def _count_generate(monkeypatch) -> list:
@@ -346,6 +413,14 @@ def test_malformed_data_is_skipped_with_one_line_each(bundle, data, tmp_path, ca
     report = json.loads((out / "summary.json").read_text())
     assert report["dataset"]["skipped"] == 4 and len(report["dataset"]["skipped_items"]) == 4
     assert {r["items"] for r in report["rows"]} == {2}
+    # nothing answerable at all: the run says why there is no plot (not "matplotlib is not installed")
+    only_bad = tmp_path / "only_bad.jsonl"
+    only_bad.write_text("\n".join(rows[2:5]) + "\n")
+    capsys.readouterr()
+    assert eval_main.run([str(bundle), "--data", str(only_bad), "--images", str(images), "--out",
+                          str(tmp_path / "out2"), "--max-new-tokens", TOKENS, "--keep", "0.5"]) == 0
+    out_text = capsys.readouterr().out
+    assert "no plot (no item was answered by every bucket" in out_text and "matplotlib" not in out_text
 
 
 def test_user_errors_are_one_line_and_exit_2(bundle, data, tmp_path, capsys):

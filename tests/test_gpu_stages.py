@@ -249,7 +249,7 @@ def test_fused_decoder_on_cuda_when_the_bundle_has_one_for_it(opened):
     dec = planner(opened, env(ORIN, ALL_EPS), manifest=manifest).decoder()
     assert (dec.kind, dec.providers[0], dec.file) == ("fused", "CUDAExecutionProvider", manifest["decoder_fused"]["file"])
     assert "KV buffer of 1024 tokens in device memory, written in place" in dec.detail
-    with pytest.raises(VlmpruneError, match="cannot use the fused decoder: .*--positions original"):
+    with pytest.raises(VlmpruneError, match="cannot use the fused decoder: .*--positions original.*; use --decoder plain$"):
         planner(opened, env(ORIN, ALL_EPS), manifest=manifest, decoder="fused", positions="original").decoder()
 
 

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 from preset_geometry import spec_k
 from vlmprune.errors import VlmpruneError
@@ -244,6 +245,28 @@ def test_prune_run_and_prune_viz_on_an_anyres_bundle(gprune_bundle, tmp_path, ca
     with Image.open(png) as sheet:
         arr = np.asarray(sheet.convert("RGB"))
     assert sheet.width >= 2 * viz.PANEL and arr.std() > 20  # two panels (base view, raster) with a picture in them
+    # very wide images leave no raster row after unpadding (as in the model): drawn and said, not an IndexError
+    for size in [(10000, 1), (4000, 20), (1000, 10), (1, 3000)]:
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.new("RGB", size, (200, 30, 30)).save(path)
+        assert viz_main.run([str(gprune_bundle), "--image", str(path), "--keep", "0.25", "-o", str(png)]) == 0, \
+            capsys.readouterr().err
+
+
+def test_raster_boxes_give_way_to_an_outline_when_cells_are_small():
+    """At keep 1.0 a box per 7 px token would hide the picture: only the kept region's border is drawn."""
+    from vlmprune.models.llava_next import viz as anyres_viz
+
+    mask = np.zeros((6, 8), bool)
+    mask[1:4, 2:6] = True
+    sheet = Image.new("RGB", (100, 100), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    xs, ys = viz.cell_edges(8, 80), viz.cell_edges(6, 60)
+    anyres_viz._outline(draw, mask, xs, ys, 0, 0)
+    arr = np.asarray(sheet)
+    yellow = (arr == viz.BOX).all(axis=-1)
+    assert yellow[ys[1], xs[2]:xs[6]].all() and yellow[ys[4] - 1, xs[2]:xs[6]].all()  # top and bottom borders
+    assert not yellow[ys[2], xs[3] + 1:xs[5] - 1].any()  # no inner lines between kept cells
 
 
 def test_prune_export_layouts_flag(tmp_path, capsys):

@@ -136,6 +136,15 @@ def test_bad_images_get_one_clear_line(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:400])
     with pytest.raises(VlmpruneError, match="cannot read image"):
         load_image(truncated)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    with pytest.raises(VlmpruneError) as info:
+        load_image(text)
+    assert str(info.value) == (f"cannot read image {text}: not an image format Pillow recognises (it is a text file); "
+                               "pass a valid PNG, JPEG, WebP, BMP or TIFF file")
+    for url in ("https://example.com/cat.jpg", "http://x/y.png", "s3://bucket/key.jpg"):
+        with pytest.raises(VlmpruneError, match=f"image {url} is a URL; vlmprune .* does not fetch URLs"):
+            load_image(url)
     huge = tmp_path / "huge.png"
     _png_header_only(huge, 40000, 30000)
     with pytest.raises(VlmpruneError, match=r"40000x30000 \(1200 MP\), over the 100 MP limit"):
@@ -143,6 +152,25 @@ def test_bad_images_get_one_clear_line(tmp_path):
 
 
 # --- prompt and stitching --------------------------------------------------------------------------------------------
+
+
+def test_another_models_image_placeholder_is_named_not_kept_as_text(pipe):
+    from vlmprune.runtime.prompt import PromptBuilder
+
+    m = pipe.manifest["prompt"]
+    assert m["image_token"] == "<image>"
+    with pytest.raises(VlmpruneError) as info:
+        pipe.prompt.render("<|image_pad|>\nWhat is this?")
+    assert str(info.value) == ("the prompt holds '<|image_pad|>', which this bundle reads as plain text: its image "
+                               "placeholder is '<image>'; write '<image>' where the image goes, or leave the "
+                               "placeholder out (the chat template then places the image)")
+    # a bundle whose placeholder is <|image_pad|> (Qwen2.5-VL's): the LLaVA spelling is named, its own is kept
+    qwen_like = PromptBuilder(pipe.bundle.path(m["tokenizer"]), {**m, "image_token": "<|image_pad|>"})
+    with pytest.raises(VlmpruneError, match="holds '<image>', which this bundle reads as plain text: its image "
+                                            "placeholder is '<|image_pad|>'"):
+        qwen_like.render("<image> What is this?")
+    assert "<|image_pad|>" in qwen_like.render("<|image_pad|> What is this?")
+    assert pipe.prompt.render("What is <b>this</b>? An <imaginary> tag") is not None  # other tags are text
 
 
 def test_prompt_matches_the_processor(tiny, pipe):

@@ -155,3 +155,37 @@ def test_none_only_bundle_is_one_line_and_keep_without_bucket_is_announced(bundl
     assert viz_main.run([str(bundles["fopru"]), "--image", "sample", "--keep", "0.2", "-o", str(out)]) == 0
     k = spec_k(0.25, BUNDLE_TOKENS[0])
     assert f"no bucket for keep 0.2; using the next larger, fopru-k{k}" in capsys.readouterr().err
+
+
+def test_a_long_prompt_wraps_whole_inside_the_sheet():
+    """GridPrune selects by the prompt, so the sheet shows all of it: wrapped, every line inside the width."""
+    from PIL import ImageDraw
+
+    prompt = 'prompt: "' + " ".join(f"word{i}" for i in range(120)) + ' supercalifragilistic' * 3 + '"'
+    width = 2 * (viz.PANEL + viz.PAD) + viz.PAD
+    lines = viz.title_block(["image: sample", prompt], width)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert " ".join(lines[1:]) == prompt and len(lines) > 3
+    assert all(draw.textlength(line, font=viz._font()) <= width - 2 * viz.PAD for line in lines)
+    sheet = viz.compose([viz.Row("bundle b: view", [Image.new("RGB", (viz.PANEL, viz.PANEL_HEADER_H + viz.PANEL))])],
+                        ["image: sample", prompt])
+    title_h = viz.title_height(lines)
+    assert title_h > viz.SHEET_TITLE_H and sheet.height == title_h + viz.ROW_TITLE_H + viz.PANEL_HEADER_H + viz.PANEL \
+        + viz.PAD + viz.LEGEND_H
+    assert viz.image_origin(0, 0, title_h)[1] == title_h + viz.ROW_TITLE_H + viz.PANEL_HEADER_H
+
+
+def test_row_title_says_crop_or_whole_image_from_the_preprocessing():
+    """The header claimed "its crop" for every family; Qwen2.5-VL's view is the whole image (crop box = image)."""
+
+    class Whole:
+        def crop_box(self, size):
+            return 0.0, 0.0, float(size[0]), float(size[1])
+
+    class Crop:
+        def crop_box(self, size):
+            return 100.0, 0.0, 500.0, 400.0
+
+    image = Image.new("RGB", (600, 400))
+    assert viz.view_words(image, Whole()) == "the whole image, resized to the model's view"
+    assert viz.view_words(image, Crop()) == "the center crop the model sees, resized"

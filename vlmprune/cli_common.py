@@ -78,6 +78,16 @@ def session_kwargs(args) -> dict:
     return out
 
 
+def parse_list(text: str | None, kind, flag: str) -> list:
+    """A comma-separated list of numbers (``--keep 0.25,0.5``), checked before any heavy import."""
+    if text is None:
+        return []
+    try:
+        return [kind(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise VlmpruneError(f"{flag} {text!r} is not a comma-separated list of numbers", f"e.g. {flag} 0.25,0.5") from None
+
+
 def require_extra(prog: str, extra: str, *modules: str) -> None:
     """One line naming the pip extra when a command needs what the base (edge) install leaves out, instead of an
     ImportError traceback from deep inside the command."""

@@ -11,12 +11,13 @@ from vlmprune.bundle import bucket_for
 from vlmprune.errors import VlmpruneError
 from vlmprune.models.llava_next.geometry import AnyresPreprocessor, Layout
 from vlmprune.models.llava_next.stitch import POSITION_MODES, stitch_anyres
+from vlmprune.models.llava_next.viz import ANYRES_VIEW
 from vlmprune.runtime.family import FamilyRuntime, Stitched, View
 
 
 class LlavaNextRuntime(FamilyRuntime):
     position_modes = POSITION_MODES
-    view_caption = "as the model sees it (a base view of the whole image, and its crops)"
+    view_caption = ANYRES_VIEW
 
     def __init__(self, bundle, table):
         super().__init__(bundle, table)

@@ -28,9 +28,12 @@ def canvas(image: Image.Image, layout) -> Image.Image:
 def raster_panel(image: Image.Image, layout, size_hw, kept: list[int], title: str, note: str = "") -> Image.Image:
     """The unpadded raster over the image; ``kept``: raster positions ``r * width + c`` of the padded raster."""
     top, bottom, left, right = unpadded_span(size_hw, layout.raster)
+    rh, rw = bottom - top, right - left
+    if rh <= 0 or rw <= 0:  # a 10000x1 image: unpadding leaves no raster row (or column), as in the model
+        return _empty_panel(title, f"none: the image is under one token {'row' if rh <= 0 else 'column'} high"
+                                   if rh <= 0 else "none: the image is under one token column wide")
     cell = layout.view // layout.side  # pixels of the canvas per token
     region = canvas(image, layout).crop((left * cell, top * cell, right * cell, bottom * cell))
-    rh, rw = bottom - top, right - left
     scale = PANEL / max(region.size)
     pw, ph = max(1, round(region.width * scale)), max(1, round(region.height * scale))
     arr = np.asarray(region.resize((pw, ph), Image.Resampling.BICUBIC), np.float32)
@@ -47,12 +50,45 @@ def raster_panel(image: Image.Image, layout, size_hw, kept: list[int], title: st
     ox, oy = (PANEL - pw) // 2, PANEL_HEADER_H + (PANEL - ph) // 2
     panel.paste(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), (ox, oy))
     draw = ImageDraw.Draw(panel)
-    for r, c in zip(*np.nonzero(mask)):
-        draw.rectangle([ox + xs[c], oy + ys[r], ox + xs[c + 1] - 1, oy + ys[r + 1] - 1], outline=BOX)
+    if min(ph / rh, pw / rw) >= MIN_BOXED_CELL:
+        for r, c in zip(*np.nonzero(mask)):
+            draw.rectangle([ox + xs[c], oy + ys[r], ox + xs[c + 1] - 1, oy + ys[r + 1] - 1], outline=BOX)
+    else:  # boxes this small would be a mesh hiding the picture: outline the kept regions instead
+        _outline(draw, mask, xs, ys, ox, oy)
+        note = f"{note}; kept regions outlined" if note else "kept regions outlined"
     font = _font()
     draw.text((2, 1), _fit(draw, title, PANEL - 4, font), fill=INK, font=font)
     if note:
         draw.text((2, 1 + LINE_H), _fit(draw, note, PANEL - 4, font), fill=NOTE_INK, font=font)
+    return panel
+
+
+# the row title's words for these panels
+ANYRES_VIEW = "the whole image at the view size (base), and the crops' raster cut to the image (raster)"
+MIN_BOXED_CELL = 10  # pixels: below this a box per kept token turns into a mesh
+
+
+def _outline(draw: ImageDraw.ImageDraw, mask: np.ndarray, xs, ys, ox: int, oy: int) -> None:
+    """The border between kept and dropped (or outside) cells, drawn once."""
+    padded = np.pad(mask, 1)
+    for r, c in zip(*np.nonzero(mask)):
+        x0, x1, y0, y1 = ox + xs[c], ox + xs[c + 1] - 1, oy + ys[r], oy + ys[r + 1] - 1
+        if not padded[r, c + 1]:  # above
+            draw.line([x0, y0, x1, y0], fill=BOX)
+        if not padded[r + 2, c + 1]:
+            draw.line([x0, y1, x1, y1], fill=BOX)
+        if not padded[r + 1, c]:
+            draw.line([x0, y0, x0, y1], fill=BOX)
+        if not padded[r + 1, c + 2]:
+            draw.line([x1, y0, x1, y1], fill=BOX)
+
+
+def _empty_panel(title: str, note: str) -> Image.Image:
+    panel = Image.new("RGB", (PANEL, PANEL_HEADER_H + PANEL), BACKGROUND)
+    draw = ImageDraw.Draw(panel)
+    font = _font()
+    draw.text((2, 1), _fit(draw, title, PANEL - 4, font), fill=INK, font=font)
+    draw.text((2, 1 + LINE_H), _fit(draw, note, PANEL - 4, font), fill=NOTE_INK, font=font)
     return panel
 
 

@@ -16,7 +16,7 @@ from vlmprune.runtime.family import FamilyRuntime, Stitched, View
 
 class QwenRuntime(FamilyRuntime):
     position_modes = MODES
-    view_caption = "as the model sees it (the whole image, resized to the bundle's size)"
+    view_caption = "the whole image, resized to the model's view"
 
     def __init__(self, bundle, table):
         super().__init__(bundle, table)
