@@ -172,6 +172,7 @@ class OrtDecoder:
             raise VlmpruneError(f"{spec['file']} lacks the tensors {', '.join(missing[:3])} the manifest promises",
                                 "re-export the bundle")
         self.mask = np.ones((1, spec["max_context"]), types[io.attention_mask])
+        self.capacity = self.mask.shape[1]  # cache slots: the decode loop's budget counts them
         self.step_embeds = np.zeros((1, 1, spec["hidden_size"]), types[io.inputs_embeds])
         # [B, S] positions, or M-RoPE's [3, B, S] (Qwen2.5-VL): a generated token has one position on all three axes
         self.step_position = np.zeros((3, 1, 1) if io.position_rank == 3 else (1, 1), types[io.position_ids])

@@ -12,7 +12,24 @@ from typing import Callable
 
 import numpy as np
 
+from vlmprune.errors import VlmpruneError
+
 from .sampling import next_token
+
+
+def token_budget(decoder, prompt_tokens: int, next_pos: int, max_context: int, max_new_tokens: int) -> int:
+    """How many tokens may be generated: what runs out first. The KV cache holds one slot per token (prompt and
+    answer, whatever their position ids: M-RoPE's image tokens share positions, so positions run behind the token
+    count), a decoder's own buffer may be shorter than the context (``capacity``: the fused decoder's
+    ``buffer_length``, a TensorRT engine's allocation), and position ids must stay below the context (``original``
+    positions leave gaps, so they can run ahead of the token count)."""
+    slots = min(max_context, int(getattr(decoder, "capacity", max_context)))
+    room = min(slots - prompt_tokens, max_context - next_pos)
+    if room < 1:
+        raise VlmpruneError(f"the prompt takes {prompt_tokens} cache slots and position ids up to {next_pos - 1}, "
+                            f"which leaves no room for an answer in the decoder's context of {slots}",
+                            "shorten the prompt or use a bucket with fewer visual tokens (--keep)")
+    return min(max_new_tokens, room)
 
 
 @dataclass
@@ -26,8 +43,10 @@ def decode(decoder, table: np.ndarray, embeds: np.ndarray, positions: np.ndarray
            max_new_tokens: int, eos: int | None, decode_text: Callable[[list[int]], str], timings, start: float,
            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, position_rank: int = 2,
            on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Decoded:
-    """Fill ``timings`` (prefill_ms, ttft_ms from ``start``, tpot_ms, total_ms) and return the generated tokens."""
-    budget = min(max_new_tokens, max_context - next_pos)
+    """Fill ``timings`` (prefill_ms, ttft_ms from ``start``, tpot_ms, total_ms) and return the generated tokens.
+
+    The generation stops with ``context`` when the sequence reaches the context (``budget``), and keeps its answer."""
+    budget = token_budget(decoder, embeds.shape[1], next_pos, max_context, max_new_tokens)
     rng = np.random.default_rng(seed)
     decoder.reset()
     t0 = time.perf_counter()

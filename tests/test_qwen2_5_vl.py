@@ -618,3 +618,26 @@ def test_prune_eval_runs_the_bundle(qwen_bundle, tmp_path):
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     text = json.dumps(summary)
     assert "gridprune" in text and "none" in text
+
+
+@pytest.mark.parametrize("positions", ["original", "contiguous"])
+def test_generation_to_the_context_end_keeps_its_answer(qwen_bundle, positions, capsys):
+    """Issue 27: under M-RoPE the 64 kept image tokens take 16 position ids, so positions run behind the cache; the
+    budget counts cache slots and the generation stops with ``context`` at exactly the context's last slot, keeping
+    the answer (it used to fail with 'the sequence would reach 2049 tokens' and lose it). prune-run prints it."""
+    from vlmprune.runtime.cli import run_main
+    from vlmprune.runtime.qwen_bundle import QwenBundlePipeline
+
+    pipe = QwenBundlePipeline(qwen_bundle, positions=positions)
+    context = pipe.decoder_spec["max_context"]
+    result = pipe.generate(make_sample_image(), PROMPT, keep=0.25, max_new_tokens=10**9, ignore_eos=True)
+    assert result.stop_reason == "context"
+    assert result.prompt_tokens + result.tokens_generated == context
+    assert pipe.decoder.length == context - 1  # the last token is answered, never fed: the cache is full
+    assert result.text and result.text == pipe.prompt.decode(result.token_ids)
+    with pytest.raises(SystemExit) as exit_code:
+        run_main([str(qwen_bundle), "--image", "sample", "--prompt", PROMPT, "--keep", "0.25", "--max-new-tokens",
+                  "1000000000", "--positions", positions])
+    assert exit_code.value.code == 0
+    out = capsys.readouterr().out
+    assert "(context)" in out or "(eos)" in out  # prune-run stops at EOS unless the context comes first
