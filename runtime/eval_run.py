@@ -12,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlmprune.bundle import MANIFEST, bucket_for, load_manifest
 from vlmprune.errors import VlmpruneError
+from vlmprune.safe_read import kind_of
 
 from .eval_data import Dataset, Item
+from .eval_out import claim_out
 from .eval_progress import progress
 from .preprocess import load_image
 
@@ -84,8 +87,10 @@ class ResultLog:
     """Append-only JSON lines: a header with the settings answers depend on, then one line per answer.
 
     Each line is written whole, flushed and fsynced before the next answer starts, so a crash loses at most the
-    answer being computed. A torn last line (no newline: the process died mid-write) is cut off before appending;
-    any other unreadable line is ignored and counted. A lock keeps two runs from writing one file."""
+    answer being computed. A write that fails part-way (a full disk) is cut back to the last whole line before the
+    error is raised. A torn last line (no newline: the process died mid-write) is cut off before appending; any
+    other unreadable line is ignored and counted. A lock keeps two runs from writing one file. The file is opened
+    once, without following a symbolic link and without blocking, and must be a regular file."""
 
     def __init__(self, path: Path, settings: dict):
         self.path = path
@@ -95,7 +100,9 @@ class ResultLog:
         self.repaired = False
         header = None
         good_end = 0
-        raw = path.read_bytes() if path.exists() else b""
+        self.fd = _open_results(path)
+        self._lock()
+        raw = _read_all(self.fd)
         if raw:
             pos = 0
             while pos < len(raw):
@@ -115,7 +122,11 @@ class ResultLog:
                         raise VlmpruneError(f"{path} exists and is not a prune-eval results file",
                                             "pass another --out folder")
                     header = obj
-                    self._check(header.get("settings", {}))
+                    try:
+                        self._check(header.get("settings", {}))
+                    except BaseException:
+                        os.close(self.fd)
+                        raise
                     continue
                 if isinstance(obj, dict) and all(k in obj for k in ("bundle_id", "bucket", "qid", "item")):
                     self.records[(obj["bundle_id"], obj["bucket"], obj["qid"], obj["item"])] = obj
@@ -123,11 +134,10 @@ class ResultLog:
                     self.ignored += 1
         if header is None and raw and not (b"\n" not in raw and raw.startswith(b'{"prune_eval_results"')):
             # only an empty file or our own torn header may be started afresh: anything else is not ours
+            os.close(self.fd)
             raise VlmpruneError(f"{path} exists and is not a prune-eval results file", "pass another --out folder")
-        self.f = open(path, "ab")
-        self._lock()
         if self.repaired or header is None:
-            self.f.truncate(good_end if header is not None else 0)
+            os.ftruncate(self.fd, good_end if header is not None else 0)
         if header is None:
             self._write({"prune_eval_results": FORMAT, "settings": settings})
 
@@ -144,16 +154,25 @@ class ResultLog:
         except ImportError:  # not POSIX: no lock, as before
             return
         try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self.f.close()
+            os.close(self.fd)
             raise VlmpruneError(f"another prune-eval is writing {self.path}",
                                 "wait for it to finish or pass another --out folder") from None
 
     def _write(self, obj: dict) -> None:
-        self.f.write((json.dumps(obj, separators=(",", ":")) + "\n").encode())
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        data = memoryview((json.dumps(obj, separators=(",", ":")) + "\n").encode())
+        end = os.fstat(self.fd).st_size
+        try:
+            while data:  # os.write may write part of it (a full disk writes what fits, then fails)
+                data = data[os.write(self.fd, data):]
+            os.fsync(self.fd)
+        except BaseException:
+            try:  # cut the torn line off: the file ends with a whole answer, as the disk-full message says
+                os.ftruncate(self.fd, end)
+            except OSError:
+                pass
+            raise
 
     def __contains__(self, k) -> bool:
         return k in self.records
@@ -163,7 +182,42 @@ class ResultLog:
         self.records[(record["bundle_id"], record["bucket"], record["qid"], record["item"])] = record
 
     def close(self) -> None:
-        self.f.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _open_results(path: Path) -> int:
+    """``results.jsonl`` for reading and appending: never through a symbolic link (O_NOFOLLOW), never blocking on a
+    FIFO (O_NONBLOCK), and refused unless it is a regular file."""
+    flags = (os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise VlmpruneError(f"{path} is a symbolic link; prune-eval writes only its own regular file there",
+                                "remove it, or pass another --out folder") from None
+        if os.path.isdir(path):
+            raise VlmpruneError(f"{path} is a folder, not prune-eval's results file",
+                                "remove it, or pass another --out folder") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise VlmpruneError(f"{path} is {kind_of(st.st_mode)}, not prune-eval's results file",
+                            "remove it, or pass another --out folder")
+    return fd
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while True:
+        block = os.pread(fd, 1 << 20, offset)
+        if not block:
+            return b"".join(chunks)
+        chunks.append(block)
+        offset += len(block)
 
 
 def _record(plan: BundlePlan, bucket: dict, item: Item, result, eos: int | None) -> dict:
@@ -196,7 +250,7 @@ def run_eval(plans: list[BundlePlan], dataset: Dataset, out: Path, *, max_new_to
     stream = stream or sys.stderr
     if max_new_tokens < 1:
         raise VlmpruneError(f"--max-new-tokens {max_new_tokens} must be at least 1", "give a positive number")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out(out)
     settings = {"max_new_tokens": max_new_tokens, "positions": positions, "engines": engines}
     log = ResultLog(out / RESULTS, settings)
     try:
