@@ -117,7 +117,8 @@ def test_a_failed_append_leaves_no_torn_line(tmp_path):
         except OSError as exc:
             print("failed", exc.errno)
     """)
-    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
+                          cwd="/tmp")
     assert "failed" in done.stdout, done.stderr[-2000:]
     raw = path.read_bytes()
     assert raw.endswith(b"\n") and [json.loads(line)["qid"] for line in raw.splitlines()[1:]] == ["0"]
