@@ -32,6 +32,17 @@ def token_budget(decoder, prompt_tokens: int, next_pos: int, max_context: int, m
     return min(max_new_tokens, room)
 
 
+def check_logits(logits: np.ndarray, decoder) -> None:
+    """Non-finite logits (a quantized decoder with NaN or inf scales, an overflow) would make greedy decoding return
+    token 0 and sampling fail inside numpy: one line naming the decoder instead. ``max`` propagates NaN and +inf,
+    so one reduction checks the row (a lone -inf is a legitimately masked token)."""
+    top = logits.max()
+    if not np.isfinite(top):
+        name = getattr(decoder, "file", None) or getattr(decoder, "name", None) or type(decoder).__name__
+        raise VlmpruneError(f"the decoder {name} returned non-finite logits ({top})",
+                            "its weights or quantization scales hold NaN or inf: re-export or re-quantize it")
+
+
 @dataclass
 class Decoded:
     tokens: list[int]
@@ -51,6 +62,7 @@ def decode(decoder, table: np.ndarray, embeds: np.ndarray, positions: np.ndarray
     decoder.reset()
     t0 = time.perf_counter()
     logits = decoder.step(embeds, positions)
+    check_logits(logits, decoder)
     timings.prefill_ms = (time.perf_counter() - t0) * 1e3
     generated: list[int] = []
     emitted = ""
@@ -76,6 +88,7 @@ def decode(decoder, table: np.ndarray, embeds: np.ndarray, positions: np.ndarray
             break
         step_position[...] = next_pos  # a preallocated position and a view of the table: nothing allocated per token
         logits = decoder.step(rows[token][None, None], step_position)
+        check_logits(logits, decoder)
         next_pos += 1
     end = time.perf_counter()
     timings.total_ms = (end - start) * 1e3

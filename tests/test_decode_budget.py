@@ -61,3 +61,41 @@ def test_the_users_limit_comes_first():
 def test_a_prompt_that_fills_the_cache_is_one_line():
     with pytest.raises(VlmpruneError, match="leaves no room for an answer"):
         _run(StrictDecoder(64), 64, 20, 64, 10)
+
+
+class PoisonedDecoder(StrictDecoder):
+    """What an int4 decoder with NaN or inf scales returns (issue 26)."""
+
+    file = "decoder_int4.onnx"
+
+    def __init__(self, value, at_step):
+        super().__init__(64)
+        self.value, self.at_step, self.steps = value, at_step, 0
+
+    def step(self, embeds, positions):
+        logits = super().step(embeds, positions).copy()
+        self.steps += 1
+        if self.steps >= self.at_step:
+            logits[3] = self.value
+        return logits
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("at_step", [1, 3])  # the prefill's logits, a later step's
+@pytest.mark.parametrize("temperature", [0.0, 0.8])  # greedy would return token 0 / 3; sampling raised from numpy
+def test_non_finite_logits_are_one_line_naming_the_decoder(value, at_step, temperature):
+    table = np.zeros((8, 4), np.float32)
+    with pytest.raises(VlmpruneError, match=r"decoder decoder_int4.onnx returned non-finite logits"):
+        decode(PoisonedDecoder(value, at_step), table, np.zeros((1, 4, 4), np.float32), np.zeros((1, 4), np.int64), 4,
+               max_context=64, max_new_tokens=10, eos=0, decode_text=lambda ids: "", timings=Timings(), start=0.0,
+               temperature=temperature, seed=1)
+
+
+def test_a_masked_token_is_not_an_error():
+    class Masked(StrictDecoder):
+        def step(self, embeds, positions):
+            logits = super().step(embeds, positions).copy()
+            logits[0] = -np.inf
+            return logits
+
+    assert len(_run(Masked(64), 4, 4, 64, 3).tokens) == 3
