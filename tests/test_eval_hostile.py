@@ -232,3 +232,49 @@ def test_out_that_is_a_file_or_holds_a_folder_or_link_is_one_line(bundle, tmp_pa
     os.symlink(outside, out / "results.jsonl")
     code, err = _run(capsys, bundle, "--data", images, "--out", out, *BASE)
     assert code == 2 and "results.jsonl is a symbolic link" in err and outside.read_text() == ""
+
+
+# --- issue 26: PrunedVLM, the API harnesses call ----------------------------------------------------------------------
+
+
+def test_pruned_vlm_arguments_are_one_value_error_naming_the_argument(bundle, tmp_path):
+    """Each bad argument used to be a bare TypeError, AttributeError or OSError from inside the pipeline."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from vlmprune.errors import VlmpruneError
+    from vlmprune.eval import PrunedVLM
+
+    def refused(match, call):
+        with pytest.raises(VlmpruneError, match=match) as info:
+            call()
+        assert isinstance(info.value, ValueError)
+
+    refused("keep must be a number", lambda: PrunedVLM(bundle, keep="0.25"))
+    refused("max_new_tokens must be an integer", lambda: PrunedVLM(bundle, max_new_tokens="5"))
+    refused("unknown option 'kep'", lambda: PrunedVLM(bundle, kep=0.25))
+    vlm = PrunedVLM(bundle, keep=0.25, max_new_tokens=2)
+    picture = make_sample_image(320, 240)
+    refused("image must be a path, a PIL image or a numpy array, got NoneType", lambda: vlm.generate(None, PROMPT))
+    refused("prompt must be a string", lambda: vlm.generate(picture, 42))
+    refused("max_new_tokens must be an integer", lambda: vlm.generate(picture, PROMPT, max_new_tokens="3"))
+    refused("unknown option 'beams'", lambda: vlm.generate(picture, PROMPT, beams=4))
+    refused("message must be a list", lambda: vlm.generate_message("photo.png"))
+    refused("message part 0 is a str, not a dict", lambda: vlm.generate_message(["photo.png"]))
+    refused("message part 1 is text whose value is a int",
+            lambda: vlm.generate_message([{"type": "image", "value": picture}, {"type": "text", "value": 3}]))
+    png = io.BytesIO()
+    picture.save(png, format="PNG")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    refused("image cannot be decoded", lambda: vlm.generate(Image.open(truncated), PROMPT))
+    refused("image array has shape", lambda: vlm.generate(np.zeros((4, 5, 6, 7), np.uint8), PROMPT))
+    refused("NaN or inf", lambda: vlm.generate(np.full((8, 8, 3), np.nan, np.float32), PROMPT))
+    # numpy arrays are accepted as transformers' processors take them: HWC uint8, CHW, floats in 0-1
+    hwc = np.asarray(picture)
+    expected = vlm.generate(picture, PROMPT)
+    assert vlm.generate(hwc, PROMPT) == expected
+    assert vlm.generate(np.moveaxis(hwc, -1, 0), PROMPT) == expected
+    assert vlm.generate(hwc.astype(np.float32) / 255.0, PROMPT) == expected
