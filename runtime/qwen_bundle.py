@@ -21,7 +21,7 @@ from .decode_loop import decode
 from .pipeline import Pipeline, Result, Timings
 from .preprocess import load_image
 from .qwen_positions import MODES, stitch_qwen
-from .qwen_preprocess import QwenPreprocessor, clip_view
+from .qwen_preprocess import QwenPreprocessor, check_auxiliary_clip, check_qwen_buckets, clip_view
 from .sampling import check_generation_args
 
 
@@ -47,6 +47,9 @@ class QwenBundlePipeline(Pipeline):
         self.preprocess = _WholeImageView(self.qwen_preprocess)  # what prune-viz and the generic callers use
         self.grid = tuple(m["vision"]["view"]["grid"])
         self.clip_constants = m.get("auxiliary_clip")
+        check_qwen_buckets(m, m["preprocessing"])  # family field checks (issue 26), before any graph runs
+        if self.clip_constants is not None:
+            check_auxiliary_clip(self.clip_constants)
 
     def vision(self, pixel_values: np.ndarray, bucket: dict, prompt: str) -> tuple[np.ndarray, np.ndarray, float]:
         """``Pipeline.vision`` for the generic callers (prune-viz): the image the pixels came from (the last one
