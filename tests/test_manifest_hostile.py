@@ -142,3 +142,30 @@ def test_qwen_fields_are_cross_checked_against_the_graphs(manifest, constants, m
     check_qwen_buckets(_qwen_manifest(), QWEN)
     with pytest.raises(VlmpruneError, match=message):
         check_qwen_buckets(manifest, constants)
+
+
+def test_external_data_must_be_a_recorded_file(copy, capsys):
+    """A vision graph, re-sealed, that reads its initializers from an unrecorded copy of vision.weights inside the
+    bundle: ONNX Runtime opens external data itself, so Bundle.path checks the locations (onnx_wire reads them
+    without the onnx package) against the record."""
+    import hashlib
+    import json
+
+    from vlmprune.onnx_wire import external_locations
+    from vlmprune.runtime.cli import run_main
+
+    graph = next(b["file"] for b in manifest_of(copy)["vision"]["buckets"] if b["method"] == "fopru")
+    assert set(external_locations(copy / graph)) == {"vision.weights"}
+    data = (copy / graph).read_bytes().replace(b"vision.weights", b"visioX.weights")  # same length: still valid
+    (copy / graph).write_bytes(data)
+    shutil.copy(copy / "vision.weights", copy / "visioX.weights")
+    record = json.loads((copy / "record.json").read_text())
+    record["files"][graph] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (copy / "record.json").write_text(json.dumps(record))
+    assert set(external_locations(copy / graph)) == {"visioX.weights"}
+    with pytest.raises(VlmpruneError, match="reads external data from visioX.weights, which is not in the integrity"):
+        Bundle.open(copy).path(graph)
+    with pytest.raises(SystemExit) as exit_code:
+        run_main([str(copy), "--image", "sample", "--prompt", "What is here?", "--keep", "0.25",
+                  "--max-new-tokens", "2"])
+    assert exit_code.value.code == 2 and "visioX.weights" in capsys.readouterr().err

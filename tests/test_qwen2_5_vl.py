@@ -641,3 +641,28 @@ def test_generation_to_the_context_end_keeps_its_answer(qwen_bundle, positions, 
     assert exit_code.value.code == 0
     out = capsys.readouterr().out
     assert "(context)" in out or "(eos)" in out  # prune-run stops at EOS unless the context comes first
+
+
+@pytest.mark.parametrize("craft, message", [
+    (lambda m: m["preprocessing"].update(merge_size=1), "merged 1x1"),
+    (lambda m: m["vision"]["view"].update(grid=[8, 32]), "grid \\[8, 32\\]"),
+    (lambda m: m["preprocessing"].update(patch_size=0), "patch_size must be an integer"),
+    (lambda m: m["auxiliary_clip"].update(mean=[float("nan"), 0.4, 0.4]), "auxiliary_clip.mean must be 3 finite"),
+    (lambda m: m["auxiliary_clip"].update(size=0), "auxiliary_clip.size must be an integer"),
+    (lambda m: m["auxiliary_clip"].update(resample="sinc"), "auxiliary_clip.resample 'sinc'"),
+])
+def test_crafted_family_fields_are_one_line_when_the_bundle_opens(qwen_bundle, tmp_path, craft, message):
+    """Issue 26: the family's own manifest fields, re-sealed so that only the checks stand in the way (they gave
+    tracebacks, NaN inputs or a wrong stitch)."""
+    import shutil
+
+    from crafting import manifest_of, reseal
+    from vlmprune.runtime.qwen_bundle import QwenBundlePipeline
+
+    copy = tmp_path / "b"
+    shutil.copytree(qwen_bundle, copy, symlinks=True)
+    m = manifest_of(copy)
+    craft(m)
+    reseal(copy, m)
+    with pytest.raises(VlmpruneError, match=message):
+        QwenBundlePipeline(copy)
