@@ -145,6 +145,36 @@ def check_anyres_constants(constants: dict, view: int) -> None:
                                 "re-export the bundle")
 
 
+_PART_KINDS = {"base": ("base_embeds", "base_indices"), "raster": ("raster_embeds", "raster_indices")}
+
+
+def check_anyres_buckets(manifest: dict) -> None:
+    """The anyres bucket fields that the graphs also state, cross-checked when the pipeline opens: each part's
+    outputs (``base_*``, ``raster_*``) hold that part's recorded K, and the graph takes ``num_views`` views. So base
+    and raster kinds swapped in a crafted manifest are one line, not a wrong stitch (``check_io`` then holds the
+    recorded shapes to the graph's). Called by ``AnyresPipeline`` when it opens a bundle."""
+    for b in manifest["vision"]["buckets"]:
+        parts = b.get("parts")
+        if not isinstance(parts, list):
+            raise VlmpruneError(f"the manifest's anyres bucket {b['name']} lists no parts", "re-export the bundle")
+        for part in parts:
+            kinds = _PART_KINDS.get(part.get("name")) if isinstance(part, dict) else None
+            if kinds is None or type(part.get("k")) is not int:
+                raise VlmpruneError(f"the manifest's bucket {b['name']} has a part {str(part)[:60]} that is not a base "
+                                    "or raster part with an integer k", "re-export the bundle")
+            for e in b["outputs"]:
+                if e["kind"] in kinds and len(e["shape"]) >= 2 and type(e["shape"][1]) is int \
+                        and e["shape"][1] != part["k"]:
+                    raise VlmpruneError(f"the manifest's bucket {b['name']} output {e['name']!r} ({e['kind']}) holds "
+                                        f"{e['shape'][1]} tokens, but its {part['name']} part keeps {part['k']}",
+                                        "re-export the bundle")
+        views = b.get("num_views", 1)
+        pixels = next((e["shape"] for e in b["inputs"] if e["kind"] == "pixel_values"), None)
+        if pixels and type(pixels[0]) is int and pixels[0] != views:
+            raise VlmpruneError(f"the manifest's bucket {b['name']} takes {pixels[0]} views, but records {views}",
+                                "re-export the bundle")
+
+
 class AnyresPreprocessor:
     """``image -> (pixel_values [1 + rows*cols, 3, S, S] float32, (h, w), Layout)`` from the manifest's
     ``preprocessing`` block (kind ``anyres``): ``LlavaNextImageProcessor`` step for step."""

@@ -18,7 +18,7 @@ from vlmprune import graph_io
 from vlmprune.bundle import bucket_for, load_manifest
 from vlmprune.errors import VlmpruneError
 
-from .anyres import AnyresPreprocessor, Layout
+from .anyres import AnyresPreprocessor, Layout, check_anyres_buckets
 from .anyres_stitch import POSITION_MODES, stitch_anyres
 from .pipeline import Pipeline, Result, Timings
 from .sampling import check_generation_args
@@ -55,6 +55,7 @@ class AnyresPipeline(Pipeline):
             raise VlmpruneError(f"bundle {self.folder} is not an anyres (LLaVA-NeXT) bundle", "use Pipeline")
         side = m["vision"]["view"]["grid"][0]
         self.anyres = AnyresPreprocessor(m["preprocessing"], side)
+        check_anyres_buckets(m)  # family field checks (issue 26), before any graph runs
         self.base_tokens = m["vision"]["view"]["num_patches"]
         spec = m["prompt"]["image_newline"]
         try:

@@ -169,3 +169,29 @@ def test_external_data_must_be_a_recorded_file(copy, capsys):
         run_main([str(copy), "--image", "sample", "--prompt", "What is here?", "--keep", "0.25",
                   "--max-new-tokens", "2"])
     assert exit_code.value.code == 2 and "visioX.weights" in capsys.readouterr().err
+
+
+def _next_bucket(kb=144, kr=288):
+    outputs = [{"name": "be", "kind": "base_embeds", "shape": [1, kb, 128]},
+               {"name": "bi", "kind": "base_indices", "shape": [1, kb]},
+               {"name": "re", "kind": "raster_embeds", "shape": [1, kr, 128]},
+               {"name": "ri", "kind": "raster_indices", "shape": [1, kr]}]
+    return {"name": "gprune-1x2-k432", "num_views": 3, "inputs": [{"kind": "pixel_values", "shape": [3, 3, 336, 336]}],
+            "parts": [{"name": "base", "k": 144}, {"name": "raster", "k": 288}], "outputs": outputs}
+
+
+def test_next_base_and_raster_kinds_are_cross_checked():
+    """LLaVA-NeXT's base_*/raster_* kinds swapped (names and shapes kept, so check_io alone passes): the parts'
+    recorded K no longer match the outputs' token dimensions."""
+    from vlmprune.runtime.anyres import check_anyres_buckets
+
+    check_anyres_buckets({"vision": {"buckets": [_next_bucket()]}})
+    swapped = _next_bucket()
+    for e in swapped["outputs"]:
+        e["kind"] = e["kind"].replace("base", "TMP").replace("raster", "base").replace("TMP", "raster")
+    with pytest.raises(VlmpruneError, match="holds 288 tokens, but its base part keeps 144"):
+        check_anyres_buckets({"vision": {"buckets": [swapped]}})
+    fewer_views = _next_bucket()
+    fewer_views["num_views"] = 2
+    with pytest.raises(VlmpruneError, match="takes 3 views, but records 2"):
+        check_anyres_buckets({"vision": {"buckets": [fewer_views]}})
