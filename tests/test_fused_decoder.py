@@ -153,3 +153,21 @@ def test_a_kv_buffer_shorter_than_the_context_ends_with_context_and_keeps_the_an
     result = pipe.generate(image, prompt, max_new_tokens=10**9, ignore_eos=True)
     assert result.stop_reason == "context" and result.tokens_generated == 7
     assert result.text == pipe.prompt.decode(result.token_ids)
+
+
+def test_the_fused_graphs_wiring_pairs_each_present_with_its_past(bundle):
+    """The check behind a relabelled cache (issue 26) reads GroupQueryAttention's wiring too: the recorded pairing
+    passes, layers 0 and 1 swapped are named. (A crafted fused record cannot get that far: its names must be the
+    builder's standard ones; this is the second line of defence.)"""
+    from vlmprune.graph_io import DecoderNames, cache_pairing_problem
+    from vlmprune.onnx_wire import main_graph_nodes
+
+    record = json.loads((bundle.path / "manifest.json").read_text())["decoder_fused"]
+    nodes = main_graph_nodes(bundle.path / record["file"])
+    assert cache_pairing_problem(nodes, DecoderNames.of(record, "decoder_fused")) is None
+    for e in record["inputs"]:
+        if e["kind"] == "past_key" and e["layer"] in (0, 1):
+            e["layer"] = 1 - e["layer"]
+    problem = cache_pairing_problem(nodes, DecoderNames.of(record, "decoder_fused"))
+    assert problem.startswith("writes 'present.0.key' from 'past_key_values.0.key', but the manifest pairs it with "
+                              "'past_key_values.1.key'")

@@ -98,3 +98,38 @@ def external_locations(path: Path) -> list[str]:
                     buf.release()
     except (ValueError, IndexError, UnicodeDecodeError, RecursionError) as exc:
         raise VlmpruneError(f"{path} is not a readable ONNX file ({exc})", "re-export the bundle") from None
+
+
+_GRAPH_NODE, _NODE_INPUT, _NODE_OUTPUT, _NODE_OP_TYPE = 1, 1, 2, 4
+
+
+def main_graph_nodes(path: Path) -> list[tuple[str, list[str], list[str]]]:
+    """(op_type, inputs, outputs) of each node of the main graph, in file order."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, 2) == 0:
+                return []
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                buf = memoryview(m)
+                try:
+                    nodes = []
+                    for field, (gs, ge) in fields(buf, 0, len(buf)):
+                        if field != 7:  # ModelProto.graph
+                            continue
+                        for gfield, (ns, ne) in fields(buf, gs, ge):
+                            if gfield != _GRAPH_NODE:
+                                continue
+                            op, ins, outs = "", [], []
+                            for nfield, (s, e) in fields(buf, ns, ne):
+                                if nfield == _NODE_INPUT:
+                                    ins.append(bytes(buf[s:e]).decode("utf-8"))
+                                elif nfield == _NODE_OUTPUT:
+                                    outs.append(bytes(buf[s:e]).decode("utf-8"))
+                                elif nfield == _NODE_OP_TYPE:
+                                    op = bytes(buf[s:e]).decode("utf-8")
+                            nodes.append((op, ins, outs))
+                    return nodes
+                finally:
+                    buf.release()
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise VlmpruneError(f"{path} is not a readable ONNX file ({exc})", "re-export the bundle") from None
