@@ -666,3 +666,25 @@ def test_crafted_family_fields_are_one_line_when_the_bundle_opens(qwen_bundle, t
     reseal(copy, m)
     with pytest.raises(VlmpruneError, match=message):
         QwenBundlePipeline(copy)
+
+
+def test_prune_eval_to_the_context_end_keeps_every_answer(qwen_bundle, tmp_path):
+    """Issue 27: prune-eval --max-new-tokens 2100 on a Qwen bundle skipped every item (the cache filled before the
+    position budget ended) and exited 0. Now each answer stops with `context` and is recorded."""
+    import json
+
+    from vlmprune.runtime.eval_cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    make_sample_image(500, 400).save(images / "a.png")
+    (images / "prompt.txt").write_text(PROMPT + "\n")
+    with pytest.raises(SystemExit) as exit_code:
+        main([str(qwen_bundle), "--data", str(images), "--out", str(tmp_path / "eval"), "--max-new-tokens", "2100",
+              "--keep", "0.25", "--plain-progress"])
+    assert exit_code.value.code == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["dataset"]["skipped"] == 0 and summary["answers"]["computed"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()[1:]]
+    assert [r["stop_reason"] for r in rows] == ["context", "context"]
+    assert all(r["prompt_tokens"] + r["tokens_generated"] == 2048 and r["text"] for r in rows)
