@@ -80,6 +80,6 @@ def claim_out(out: Path, scanned: Path | None = None) -> None:
             st = os.lstat(path)
             if not stat.S_ISREG(st.st_mode):
                 raise VlmpruneError(f"{path} is {kind_of(st.st_mode)}; prune-eval writes only regular files of its "
-                                    "own there", f"remove it, or pass another --out folder")
+                                    "own there", "remove it, or pass another --out folder")
     if MARKER not in names:
         atomic_write_text(marker, json.dumps({"prune_eval_out": 1}) + "\n")

@@ -56,7 +56,8 @@ def test_only_the_safe_pattern_form_is_accepted(pattern, safe):
 
 
 @pytest.mark.parametrize("craft, message", [
-    (lambda m: edit(["vision", "buckets", 1, "k"], m["vision"]["buckets"][1]["k"] - 1)(m), r"buckets\[1\]\.outputs\[\d\]\.shape has \d+ on axis 1"),
+    (lambda m: edit(["vision", "buckets", 1, "k"], m["vision"]["buckets"][1]["k"] - 1)(m),
+     r"buckets\[1\]\.outputs\[\d\]\.shape has \d+ on axis 1"),
     (lambda m: edit(["vision", "view", "grid"], [m["vision"]["view"]["grid"][0] // 2,
                                                   m["vision"]["view"]["grid"][1] * 2])(m), r"view\.grid.*aspect ratio"),
 ])

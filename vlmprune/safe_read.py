@@ -35,7 +35,8 @@ def read_regular(path: Path, what: str, max_bytes: int, *, follow_symlinks: bool
     except OSError as exc:
         if not follow_symlinks and os.path.islink(path):
             raise VlmpruneError(f"{what} {path} is a symbolic link", "pass the file itself") from None
-        raise VlmpruneError(f"cannot open {what} {path}: {exc.strerror}", "check the path and its permissions") from None
+        raise VlmpruneError(f"cannot open {what} {path}: {exc.strerror}",
+                            "check the path and its permissions") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
