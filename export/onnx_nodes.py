@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.onnx_wire import fields as _fields
+from vlmprune.onnx_wire import varint as _varint
 
 _MODEL_GRAPH, _GRAPH_NODE, _NODE_NAME, _NODE_OP_TYPE = 7, 1, 3, 4
 _NODE_OUTPUT = 2
@@ -19,41 +21,6 @@ _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO = 11, 12, 13  # ValueInfoProto: n
 _TYPE_TENSOR, _TENSOR_ELEM_TYPE = 1, 1  # TypeProto.tensor_type, TypeProto.Tensor.elem_type (a varint)
 # TensorProto.DataType: FLOAT 1, FLOAT16 10, DOUBLE 11, BFLOAT16 16 (onnx/onnx.proto)
 FLOAT_TYPES = frozenset({1, 10, 11, 16})
-
-
-def _varint(buf: memoryview, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _fields(buf: memoryview, start: int, end: int):
-    """(field number, (start, end)) of the length-delimited fields in buf[start:end]; the others are skipped."""
-    i = start
-    while i < end:
-        key, i = _varint(buf, i)
-        wire = key & 7
-        if wire == 0:
-            _, i = _varint(buf, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            if i + n > end:
-                raise ValueError("field runs past its message")
-            yield key >> 3, (i, i + n)
-            i += n
-        else:  # groups (3, 4) are not used by onnx.proto
-            raise ValueError(f"unexpected wire type {wire}")
 
 
 def _varint_field(buf: memoryview, start: int, end: int, number: int) -> int | None:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
+from vlmprune.errors import ArgumentError
+
+from .api_args import check_image, check_int, check_keep, check_options, check_prompt, message_parts
 from .eval_data import load_dataset
 from .eval_demo import make_demo_dataset
 from .eval_metrics import agreement, exact_match, normalize_answer, token_f1, vqa_accuracy
@@ -28,7 +32,13 @@ class PrunedVLM:
 
     def __init__(self, bundle: str | Path, *, keep: float | None = None, max_new_tokens: int = 64,
                  engines: str | None = None, provider: str | None = None, threads: int | None = None,
-                 positions: str | None = None):
+                 positions: str | None = None, **unknown):
+        if unknown:
+            raise ArgumentError(f"unknown option {sorted(unknown)[0]!r}",
+                                "the options are keep, max_new_tokens, engines, provider, threads, positions")
+        keep = check_keep(keep)  # each bad argument: one ArgumentError (a VlmpruneError and a ValueError)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+        threads = None if threads is None else check_int("threads", threads, 1)
         # positions None: the bundle's own, as prune-run and prune-eval use
         self.pipeline = open_bundle(bundle, provider=provider, threads=threads, positions=positions, engines=engines)
         self.bucket, self.bucket_choice = self.pipeline.choose_bucket(keep)  # None: the smallest pruned bucket
@@ -40,10 +50,12 @@ class PrunedVLM:
     def keep(self) -> float:
         return self.bucket["keep"]
 
-    def generate(self, image: Image.Image | str | Path, prompt: str, **options) -> str:
+    def generate(self, image: Image.Image | str | Path | np.ndarray, prompt: str, **options) -> str:
         """The answer text. ``options`` go to ``Pipeline.generate`` (``max_new_tokens``, ``temperature``,
         ``top_p``, ``seed``); the full ``Result`` (tokens, kept indices, timings) is kept in ``self.last``."""
+        options = check_options(options)
         options.setdefault("max_new_tokens", self.max_new_tokens)
+        image, prompt = check_image(image), check_prompt(prompt)
         image = image if isinstance(image, Image.Image) else load_image(image)
         # a multi-layout family answers each image with the bucket of its own layout at this keep ratio
         bucket, _ = self.pipeline.choose_bucket(self.bucket["keep"], image)
@@ -55,10 +67,5 @@ class PrunedVLM:
     def generate_message(self, message: list[dict], **options) -> str:
         """VLMEvalKit's message form: ``[{"type": "image", "value": PATH}, {"type": "text", "value": TEXT}]``.
         One image per prompt (the bundles take one); text parts are joined with newlines."""
-        images = [m["value"] for m in message if m.get("type") == "image"]
-        if len(images) != 1:
-            from vlmprune.errors import VlmpruneError
-
-            raise VlmpruneError(f"the message holds {len(images)} images", "vlmprune bundles take exactly one image")
-        text = "\n".join(m["value"] for m in message if m.get("type") == "text")
-        return self.generate(images[0], text, **options)
+        image, text = message_parts(message)
+        return self.generate(image, text, **options)

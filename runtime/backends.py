@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmprune.errors import VlmpruneError
-from vlmprune.graph_io import FLOAT_DTYPES, DecoderNames
+from vlmprune.graph_io import FLOAT_DTYPES, DecoderNames, check_cache_pairing
 
 _PREFERRED = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -91,6 +91,7 @@ class OrtBackend(Backend):
         # log line, and the stage report must say so.
         self.providers = self.session.get_providers()
         self.file = Path(path).name
+        self.path = Path(path)
         self.inputs = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         # every tensor's shape (ints and dimension names) and dtype, for ``check_io`` against the manifest
@@ -158,6 +159,8 @@ class OrtDecoder:
         self.file = spec["file"]
         check_io(backend, spec, self.file)
         self.io = io = DecoderNames.of(spec)  # every tensor name from the manifest
+        if getattr(backend, "path", None) is not None:  # the graph's wiring pairs each present with its past
+            check_cache_pairing(backend.path, io, self.file)
         if io.position_ids is None:
             raise VlmpruneError("the manifest's decoder lists no position_ids input", "re-export the bundle")
         self.past_names, self.present_names = list(io.past), list(io.present)
@@ -172,6 +175,7 @@ class OrtDecoder:
             raise VlmpruneError(f"{spec['file']} lacks the tensors {', '.join(missing[:3])} the manifest promises",
                                 "re-export the bundle")
         self.mask = np.ones((1, spec["max_context"]), types[io.attention_mask])
+        self.capacity = self.mask.shape[1]  # cache slots: the decode loop's budget counts them
         self.step_embeds = np.zeros((1, 1, spec["hidden_size"]), types[io.inputs_embeds])
         # [B, S] positions, or M-RoPE's [3, B, S] (Qwen2.5-VL): a generated token has one position on all three axes
         self.step_position = np.zeros((3, 1, 1) if io.position_rank == 3 else (1, 1), types[io.position_ids])

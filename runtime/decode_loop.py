@@ -12,7 +12,35 @@ from typing import Callable
 
 import numpy as np
 
+from vlmprune.errors import VlmpruneError
+
 from .sampling import next_token
+
+
+def token_budget(decoder, prompt_tokens: int, next_pos: int, max_context: int, max_new_tokens: int) -> int:
+    """How many tokens may be generated: what runs out first. The KV cache holds one slot per token (prompt and
+    answer, whatever their position ids: M-RoPE's image tokens share positions, so positions run behind the token
+    count), a decoder's own buffer may be shorter than the context (``capacity``: the fused decoder's
+    ``buffer_length``, a TensorRT engine's allocation), and position ids must stay below the context (``original``
+    positions leave gaps, so they can run ahead of the token count)."""
+    slots = min(max_context, int(getattr(decoder, "capacity", max_context)))
+    room = min(slots - prompt_tokens, max_context - next_pos)
+    if room < 1:
+        raise VlmpruneError(f"the prompt takes {prompt_tokens} cache slots and position ids up to {next_pos - 1}, "
+                            f"which leaves no room for an answer in the decoder's context of {slots}",
+                            "shorten the prompt or use a bucket with fewer visual tokens (--keep)")
+    return min(max_new_tokens, room)
+
+
+def check_logits(logits: np.ndarray, decoder) -> None:
+    """Non-finite logits (a quantized decoder with NaN or inf scales, an overflow) would make greedy decoding return
+    token 0 and sampling fail inside numpy: one line naming the decoder instead. ``max`` propagates NaN and +inf,
+    so one reduction checks the row (a lone -inf is a legitimately masked token)."""
+    top = logits.max()
+    if not np.isfinite(top):
+        name = getattr(decoder, "file", None) or getattr(decoder, "name", None) or type(decoder).__name__
+        raise VlmpruneError(f"the decoder {name} returned non-finite logits ({top})",
+                            "its weights or quantization scales hold NaN or inf: re-export or re-quantize it")
 
 
 @dataclass
@@ -28,14 +56,16 @@ def decode(decoder, table: np.ndarray, embeds: np.ndarray, positions: np.ndarray
            on_text: Callable[[str], None] | None = None, ignore_eos: bool = False, hooks=None) -> Decoded:
     """Fill ``timings`` (prefill_ms, ttft_ms from ``start``, tpot_ms, total_ms) and return the generated tokens.
 
+    The generation stops with ``context`` when the sequence reaches the context (``budget``), and keeps its answer.
     ``hooks`` (``reuse.Reuse``, optional): the prefill starts after the longest cached KV prefix of the stitched
     sequence and leaves the prompt's KV for later requests; ``hooks.cancelled()`` stops the loop before a step."""
-    budget = min(max_new_tokens, max_context - next_pos)
+    budget = token_budget(decoder, embeds.shape[1], next_pos, max_context, max_new_tokens)
     rng = np.random.default_rng(seed)
     decoder.reset()
     t0 = time.perf_counter()
     reused = hooks.before_prefill(decoder, embeds, positions) if hooks is not None else 0
     logits = decoder.step(embeds[:, reused:], positions[..., reused:])
+    check_logits(logits, decoder)
     timings.prefill_ms = (time.perf_counter() - t0) * 1e3
     generated: list[int] = []
     emitted = ""
@@ -64,6 +94,7 @@ def decode(decoder, table: np.ndarray, embeds: np.ndarray, positions: np.ndarray
             break
         step_position[...] = next_pos  # a preallocated position and a view of the table: nothing allocated per token
         logits = decoder.step(rows[token][None, None], step_position)
+        check_logits(logits, decoder)
         next_pos += 1
     if hooks is not None:  # after the answer, so the copy is not in its TTFT; the prompt's rows are still there
         hooks.after_prefill(decoder, embeds.shape[1])

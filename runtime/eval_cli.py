@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", type=Path, metavar="JSON", help="VQAv2 annotations JSON (reference answers)")
     p.add_argument("--images", type=Path, metavar="DIR",
                    help="image folder for .jsonl / .json data (default: the data file's folder)")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="read images that resolve outside the image folder (absolute paths, '..', symbolic links "
+                        "leading out); refused by default")
     p.add_argument("--prompt-file", type=Path, metavar="TXT", help="the prompt for a folder of images")
     p.add_argument("--prompt-suffix", metavar="TEXT",
                    help="a line appended to every prompt, e.g. 'Answer the question using a single word or phrase.'")
@@ -64,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                         "default: lmms-eval)")
     p.add_argument("--plain-progress", action="store_true", help="progress as plain lines even if tqdm is installed")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
-                   help="output folder (rerun with the same one to resume)")
+                   help="output folder, prune-eval's own (marked by a .prune-eval file): new, empty, or written by an "
+                        "earlier prune-eval (rerun with the same one to resume)")
     return p
 
 
@@ -88,6 +92,7 @@ def _keeps(values: list[str] | None) -> list[float] | None:
 def evaluate(args: argparse.Namespace, stream=None) -> dict:
     """Read the data, answer what is missing, summarise; returns the report written to ``summary.json``."""
     from .eval_data import load_dataset
+    from .eval_out import claim_out
     from .eval_report import markdown, plot, summarise, write_text
     from .eval_run import RESULTS, plan_bundles, run_eval
 
@@ -95,8 +100,11 @@ def evaluate(args: argparse.Namespace, stream=None) -> dict:
     t0 = time.perf_counter()
     say = lambda text: print(text, file=stream, flush=True)  # noqa: E731
     plans = plan_bundles(args.bundles, _keeps(args.keep), say)
+    # --out is claimed before anything is read or computed; an image folder being read must not hold it
+    claim_out(args.out, scanned=args.data if args.data.is_dir() else None)
     ds = load_dataset(args.data, annotations=args.annotations, images=args.images, prompt_file=args.prompt_file,
-                      prompt_suffix=args.prompt_suffix, limit=args.limit)
+                      prompt_suffix=args.prompt_suffix, limit=args.limit,
+                      allow_outside_images=args.allow_outside_images)
     for s in ds.skipped:
         say(f"prune-eval: skipped {s['where']}: {s['reason']}")
     labelled = sum(1 for i in ds.items if i.answers)
@@ -115,6 +123,10 @@ def evaluate(args: argparse.Namespace, stream=None) -> dict:
         say(f"prune-eval: answers so far are kept in {args.out / RESULTS}; rerun the same command to resume")
         raise
     skipped = ds.skipped + outcome.skipped
+    if not outcome.computed and not outcome.reused:  # a summary of nothing is not a result
+        first = f"; first: {skipped[0]['where']}: {skipped[0]['reason']}" if skipped else ""
+        raise VlmpruneError(f"nothing was evaluated: {len(skipped)} item(s) skipped{first}",
+                            "fix what the skipped lines above say and rerun (answers already made are kept)")
     report = {
         "bundles": [{"label": p.label, "path": str(p.folder), "bundle_id": p.bundle_id, "method": p.method,
                      "buckets": [b["name"] for b in p.buckets]} for p in plans],
@@ -137,7 +149,6 @@ def evaluate(args: argparse.Namespace, stream=None) -> dict:
         "rows": summarise(plans, ds, outcome.log.records, args.vqa_convention),
     }
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "summary.json", json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     write_text(args.out / "summary.md", table)

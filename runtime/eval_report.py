@@ -3,9 +3,11 @@ Pareto plot (quality against median time to first token, one line per method and
 
 from __future__ import annotations
 
-import os
+import io
 import statistics
 from pathlib import Path
+
+from vlmprune.atomic import atomic_write_bytes, atomic_write_text
 
 from .eval_data import Dataset
 from .eval_metrics import agreement, reference_scores
@@ -196,15 +198,13 @@ def plot(report: dict, path: Path) -> Path | None:
     fig.tight_layout(rect=(0, 0.04 + 0.03 * ((len(labels) - 1) // 4), 1, 1))
     for ax in axes[0]:  # after the layout: placement works in the final display coordinates
         place_labels(ax, labels_of.get(id(ax), []), fig.dpi)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight", pad_inches=0.1)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png", bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png.getvalue())  # a unique temporary name: two runs summarising one --out never collide
     return path
 
 
 def write_text(path: Path, text: str) -> None:
-    """Atomic: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Atomic, under a unique temporary name: a reader sees the old file or the new one, never half of one."""
+    atomic_write_text(path, text)

@@ -9,8 +9,6 @@ bucket alike instead of whichever bucket ran last. Each bucket gets one untimed 
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +17,12 @@ from vlmprune.bundle import Bundle, bucket_for
 from vlmprune.errors import VlmpruneError
 
 from .eval_data import Dataset, Item
+from .eval_log import FORMAT, ResultLog  # noqa: F401 (FORMAT: re-exported)
+from .eval_out import claim_out
 from .eval_progress import progress
 from .preprocess import load_image
 
 RESULTS = "results.jsonl"
-FORMAT = 1
 
 
 @dataclass
@@ -82,92 +81,6 @@ def key(bundle_id: str, bucket: str, item: Item) -> tuple[str, str, str, str]:
     return (bundle_id, bucket, item.qid, item.fingerprint)
 
 
-class ResultLog:
-    """Append-only JSON lines: a header with the settings answers depend on, then one line per answer.
-
-    Each line is written whole, flushed and fsynced before the next answer starts, so a crash loses at most the
-    answer being computed. A torn last line (no newline: the process died mid-write) is cut off before appending;
-    any other unreadable line is ignored and counted. A lock keeps two runs from writing one file."""
-
-    def __init__(self, path: Path, settings: dict):
-        self.path = path
-        self.settings = settings
-        self.records: dict[tuple, dict] = {}
-        self.ignored = 0
-        self.repaired = False
-        header = None
-        good_end = 0
-        raw = path.read_bytes() if path.exists() else b""
-        if raw:
-            pos = 0
-            while pos < len(raw):
-                end = raw.find(b"\n", pos)
-                if end < 0:  # torn tail
-                    self.repaired = True
-                    break
-                line = raw[pos:end]
-                pos = good_end = end + 1
-                try:
-                    obj = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    self.ignored += 1
-                    continue
-                if header is None:
-                    if not (isinstance(obj, dict) and obj.get("prune_eval_results") == FORMAT):
-                        raise VlmpruneError(f"{path} exists and is not a prune-eval results file",
-                                            "pass another --out folder")
-                    header = obj
-                    self._check(header.get("settings", {}))
-                    continue
-                if isinstance(obj, dict) and all(k in obj for k in ("bundle_id", "bucket", "qid", "item")):
-                    self.records[(obj["bundle_id"], obj["bucket"], obj["qid"], obj["item"])] = obj
-                else:
-                    self.ignored += 1
-        if header is None and raw and not (b"\n" not in raw and raw.startswith(b'{"prune_eval_results"')):
-            # only an empty file or our own torn header may be started afresh: anything else is not ours
-            raise VlmpruneError(f"{path} exists and is not a prune-eval results file", "pass another --out folder")
-        self.f = open(path, "ab")
-        self._lock()
-        if self.repaired or header is None:
-            self.f.truncate(good_end if header is not None else 0)
-        if header is None:
-            self._write({"prune_eval_results": FORMAT, "settings": settings})
-
-    def _check(self, stored: dict) -> None:
-        diff = [f"{k.replace('_', '-')} {stored.get(k)!r} (this run: {v!r})" for k, v in self.settings.items()
-                if stored.get(k) != v]
-        if diff:
-            raise VlmpruneError(f"{self.path} holds answers made with other settings: {', '.join(diff)}",
-                                "rerun with those settings to resume, or pass another --out folder")
-
-    def _lock(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock, as before
-            return
-        try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.f.close()
-            raise VlmpruneError(f"another prune-eval is writing {self.path}",
-                                "wait for it to finish or pass another --out folder") from None
-
-    def _write(self, obj: dict) -> None:
-        self.f.write((json.dumps(obj, separators=(",", ":")) + "\n").encode())
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def __contains__(self, k) -> bool:
-        return k in self.records
-
-    def append(self, record: dict) -> None:
-        self._write(record)
-        self.records[(record["bundle_id"], record["bucket"], record["qid"], record["item"])] = record
-
-    def close(self) -> None:
-        self.f.close()
-
-
 def _record(plan: BundlePlan, bucket: dict, item: Item, result, eos: int | None) -> dict:
     t = result.timings
     first = result.token_ids[0] if result.token_ids else (eos if result.stop_reason == "eos" else None)
@@ -199,7 +112,7 @@ def run_eval(plans: list[BundlePlan], dataset: Dataset, out: Path, *, max_new_to
     stream = stream or sys.stderr
     if max_new_tokens < 1:
         raise VlmpruneError(f"--max-new-tokens {max_new_tokens} must be at least 1", "give a positive number")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out(out)
     settings = {"max_new_tokens": max_new_tokens, "positions": positions, "engines": engines}
     log = ResultLog(out / RESULTS, settings)
     try:

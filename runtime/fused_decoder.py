@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from vlmprune.errors import VlmpruneError
-from vlmprune.graph_io import DecoderNames
+from vlmprune.graph_io import DecoderNames, check_cache_pairing
 
 from .backends import OrtBackend, check_io, run_failure
 
@@ -36,6 +36,8 @@ class FusedDecoder:
         self.file = spec["file"]
         check_io(backend, spec, self.file)
         self.io = io = DecoderNames.of(spec, "decoder_fused")  # every tensor name from the manifest
+        if getattr(backend, "path", None) is not None:  # the graph's wiring pairs each present with its past
+            check_cache_pairing(backend.path, io, self.file)
         self.past_names, self.present_names = list(io.past), list(io.present)
         missing = [n for n in [io.inputs_embeds, io.attention_mask, *self.past_names] if n not in backend.inputs]
         missing += [n for n in [io.logits, *self.present_names] if n not in backend.outputs]

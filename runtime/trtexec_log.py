@@ -99,7 +99,11 @@ def _stats(body: str) -> Stats:
     return s
 
 
-def parse_file(path) -> TrtexecSummary:
-    from pathlib import Path
+MAX_LOG_BYTES = 256 << 20  # a trtexec log with --dumpProfile is a few MiB
 
-    return parse(Path(path).read_text(errors="replace"))
+
+def parse_file(path) -> TrtexecSummary:
+    """A saved log: a regular file only (a FIFO would block ``--from-log`` forever), bounded in size."""
+    from vlmprune.safe_read import read_regular
+
+    return parse(read_regular(path, "log", MAX_LOG_BYTES).decode("utf-8", errors="replace"))

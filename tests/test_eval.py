@@ -444,8 +444,12 @@ def test_user_errors_are_one_line_and_exit_2(bundle, data, tmp_path, capsys):
     foreign.mkdir()
     (foreign / "results.jsonl").write_text("my own notes\n")
     code, err = run(bundle, "--data", data, "--out", foreign, "--limit", "1", *base)
-    assert code == 2 and "not a prune-eval results file" in err
+    assert code == 2 and "holds files prune-eval did not write (results.jsonl)" in err  # not its --out
     assert (foreign / "results.jsonl").read_text() == "my own notes\n"  # never overwritten
+    (foreign / ".prune-eval").write_text("{}")  # marked as prune-eval's, yet the results file is not its own
+    code, err = run(bundle, "--data", data, "--out", foreign, "--limit", "1", *base)
+    assert code == 2 and "not a prune-eval results file" in err
+    assert (foreign / "results.jsonl").read_text() == "my own notes\n"
     other = tmp_path / "other"
     assert run(bundle, "--data", data, "--out", other, "--limit", "1", *base)[0] == 0
     code, err = run(bundle, "--data", data, "--out", other, "--limit", "1", "--max-new-tokens", "5")

@@ -137,3 +137,37 @@ def test_manifest_schema_holds_the_fused_record(bundle):
         manifest["decoder_fused"][key] = value
         with pytest.raises(VlmpruneError, match=f"decoder_fused.{key} .*{message}"):
             validate(manifest, None)
+
+
+def test_a_kv_buffer_shorter_than_the_context_ends_with_context_and_keeps_the_answer(bundle):
+    """Issue 27: the decode budget counts the fused decoder's buffer (its capacity), not only the model's context;
+    before, the step past the buffer failed and the answer was lost."""
+    from vlmprune.runtime.fused_decoder import FusedDecoder
+
+    image, prompt = make_sample_image(), "What is next to the house?"
+    pipe = Pipeline(bundle.path)
+    assert pipe.decoder_kind == "fused"
+    prompt_tokens = pipe.generate(image, prompt, max_new_tokens=1).prompt_tokens
+    assert prompt_tokens + 7 < pipe.decoder_spec["max_context"]
+    pipe.decoder = FusedDecoder(pipe.decoder.backend, pipe.manifest["decoder_fused"], capacity=prompt_tokens + 7)
+    result = pipe.generate(image, prompt, max_new_tokens=10**9, ignore_eos=True)
+    assert result.stop_reason == "context" and result.tokens_generated == 7
+    assert result.text == pipe.prompt.decode(result.token_ids)
+
+
+def test_the_fused_graphs_wiring_pairs_each_present_with_its_past(bundle):
+    """The check behind a relabelled cache (issue 26) reads GroupQueryAttention's wiring too: the recorded pairing
+    passes, layers 0 and 1 swapped are named. (A crafted fused record cannot get that far: its names must be the
+    builder's standard ones; this is the second line of defence.)"""
+    from vlmprune.graph_io import DecoderNames, cache_pairing_problem
+    from vlmprune.onnx_wire import main_graph_nodes
+
+    record = json.loads((bundle.path / "manifest.json").read_text())["decoder_fused"]
+    nodes = main_graph_nodes(bundle.path / record["file"])
+    assert cache_pairing_problem(nodes, DecoderNames.of(record, "decoder_fused")) is None
+    for e in record["inputs"]:
+        if e["kind"] == "past_key" and e["layer"] in (0, 1):
+            e["layer"] = 1 - e["layer"]
+    problem = cache_pairing_problem(nodes, DecoderNames.of(record, "decoder_fused"))
+    assert problem.startswith("writes 'present.0.key' from 'past_key_values.0.key', but the manifest pairs it with "
+                              "'past_key_values.1.key'")

@@ -622,3 +622,73 @@ def test_prune_run_prune_eval_and_pruned_vlm_agree_on_qwen(qwen_bundle, tmp_path
 
     result = _same_answers_everywhere(qwen_bundle, tmp_path, image_size=(640, 480))
     assert result.view == "image size 448x448"
+
+
+@pytest.mark.parametrize("positions", ["original", "contiguous"])
+def test_generation_to_the_context_end_keeps_its_answer(qwen_bundle, positions, capsys):
+    """Issue 27: under M-RoPE the 64 kept image tokens take 16 position ids, so positions run behind the cache; the
+    budget counts cache slots and the generation stops with ``context`` at exactly the context's last slot, keeping
+    the answer (it used to fail with 'the sequence would reach 2049 tokens' and lose it). prune-run prints it."""
+    from vlmprune.runtime.cli import run_main
+    from vlmprune.runtime.pipeline import Pipeline as QwenBundlePipeline
+
+    pipe = QwenBundlePipeline(qwen_bundle, positions=positions)
+    context = pipe.decoder_spec["max_context"]
+    result = pipe.generate(make_sample_image(), PROMPT, keep=0.25, max_new_tokens=10**9, ignore_eos=True)
+    assert result.stop_reason == "context"
+    assert result.prompt_tokens + result.tokens_generated == context
+    assert pipe.decoder.length == context - 1  # the last token is answered, never fed: the cache is full
+    assert result.text and result.text == pipe.prompt.decode(result.token_ids)
+    with pytest.raises(SystemExit) as exit_code:
+        run_main([str(qwen_bundle), "--image", "sample", "--prompt", PROMPT, "--keep", "0.25", "--max-new-tokens",
+                  "1000000000", "--positions", positions])
+    assert exit_code.value.code == 0
+    out = capsys.readouterr().out
+    assert "(context)" in out or "(eos)" in out  # prune-run stops at EOS unless the context comes first
+
+
+@pytest.mark.parametrize("craft, message", [
+    (lambda m: m["preprocessing"].update(merge_size=1), "merged 1x1"),
+    (lambda m: m["vision"]["view"].update(grid=[8, 32]), "grid \\[8, 32\\]"),
+    (lambda m: m["preprocessing"].update(patch_size=0), "patch_size must be an integer"),
+    (lambda m: m["auxiliary_clip"].update(mean=[float("nan"), 0.4, 0.4]), "auxiliary_clip.mean must be 3 finite"),
+    (lambda m: m["auxiliary_clip"].update(size=0), "auxiliary_clip.size must be an integer"),
+    (lambda m: m["auxiliary_clip"].update(resample="sinc"), "auxiliary_clip.resample 'sinc'"),
+])
+def test_crafted_family_fields_are_one_line_when_the_bundle_opens(qwen_bundle, tmp_path, craft, message):
+    """Issue 26: the family's own manifest fields, re-sealed so that only the checks stand in the way (they gave
+    tracebacks, NaN inputs or a wrong stitch)."""
+    import shutil
+
+    from crafting import manifest_of, reseal
+    from vlmprune.runtime.pipeline import Pipeline as QwenBundlePipeline
+
+    copy = tmp_path / "b"
+    shutil.copytree(qwen_bundle, copy, symlinks=True)
+    m = manifest_of(copy)
+    craft(m)
+    reseal(copy, m)
+    with pytest.raises(VlmpruneError, match=message):
+        QwenBundlePipeline(copy)
+
+
+def test_prune_eval_to_the_context_end_keeps_every_answer(qwen_bundle, tmp_path):
+    """Issue 27: prune-eval --max-new-tokens 2100 on a Qwen bundle skipped every item (the cache filled before the
+    position budget ended) and exited 0. Now each answer stops with `context` and is recorded."""
+    import json
+
+    from vlmprune.runtime.eval_cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    make_sample_image(500, 400).save(images / "a.png")
+    (images / "prompt.txt").write_text(PROMPT + "\n")
+    with pytest.raises(SystemExit) as exit_code:
+        main([str(qwen_bundle), "--data", str(images), "--out", str(tmp_path / "eval"), "--max-new-tokens", "2100",
+              "--keep", "0.25", "--plain-progress"])
+    assert exit_code.value.code == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["dataset"]["skipped"] == 0 and summary["answers"]["computed"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()[1:]]
+    assert [r["stop_reason"] for r in rows] == ["context", "context"]
+    assert all(r["prompt_tokens"] + r["tokens_generated"] == 2048 and r["text"] for r in rows)

@@ -47,6 +47,22 @@ def write_manifest(folder: Path, manifest: dict[str, Any], *, written_by: str = 
     write_record(folder, record)
 
 
+def check_external_data(rel: str, path: Path, recorded: dict, folder: Path, rebuild: str) -> None:
+    """A graph's external-data locations must be recorded files of the same folder: ONNX Runtime opens them relative
+    to the graph when it loads it, past every check ``Bundle.path`` makes."""
+    if not rel.endswith(".onnx"):
+        return
+    from .integrity import check_relpath
+    from .onnx_wire import external_locations
+
+    base = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
+    for location in dict.fromkeys(external_locations(path)):
+        check_relpath(location, f"{rel}: external data location")
+        if base + location not in recorded:
+            raise VlmpruneError(f"{rel} reads external data from {location}, which is not in the integrity record of "
+                                f"{folder}", rebuild)
+
+
 @dataclass
 class Derived:
     """A verified subfolder written after the export (engines, int8)."""
@@ -58,6 +74,7 @@ class Derived:
     def path(self, rel: str) -> Path:
         if rel not in self.paths:
             raise VlmpruneError(f"{rel} is not in the integrity record of {self.folder}", "rebuild it")
+        check_external_data(rel, self.paths[rel], self.paths, self.folder, "rebuild it")
         return self.paths[rel]
 
 
@@ -69,6 +86,7 @@ class Bundle:
     verify: str
     paths: dict[str, Path] = field(repr=False)
     version: int = SCHEMA_VERSION
+    _external_checked: set = field(default_factory=set, repr=False, compare=False)
 
     @classmethod
     def open(cls, folder: str | Path, verify: str | bool = "quick") -> "Bundle":
@@ -118,6 +136,9 @@ class Bundle:
         """The verified file ``rel``; a path the integrity record does not hold is refused."""
         if rel not in self.paths:
             raise VlmpruneError(f"{rel} is not in the integrity record of {self.folder}", REEXPORT)
+        if rel not in self._external_checked:  # a graph's weights files are recorded files too
+            check_external_data(rel, self.paths[rel], self.paths, self.folder, REEXPORT)
+            self._external_checked.add(rel)
         return self.paths[rel]
 
     # --- derived outputs -----------------------------------------------------------------------------------------

@@ -10,3 +10,8 @@ class VlmpruneError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}; {fix}" if fix else problem)
+
+
+class ArgumentError(VlmpruneError, ValueError):
+    """A bad argument to the Python API (``PrunedVLM``): a ``VlmpruneError`` that is also a ``ValueError``, as
+    harnesses expect from a call given a wrong value."""

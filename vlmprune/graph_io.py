@@ -160,3 +160,44 @@ def by_kind(entries: list[dict], results: dict) -> dict:
 # graph outputs the first; a base-plus-raster graph the other two (its raster's valid length in ``raster_count``).
 VISION_PARTS = (("image_embeds", "kept_indices", None), ("base_embeds", "base_indices", None),
                 ("raster_embeds", "raster_indices", "raster_count"))
+
+
+_PASS_THROUGH = ("Cast", "Identity")
+
+
+def cache_pairing_problem(nodes: list[tuple[str, list[str], list[str]]], names: DecoderNames) -> str | None:
+    """Whether the graph's own wiring contradicts the manifest's pairing of each ``present`` output with its
+    ``past`` input (same layer, same key/value kind): the node that writes a present (``Concat`` in the standard-op
+    decoder, ``GroupQueryAttention`` in the fused one) reads its past directly, or through a Cast. A manifest whose
+    cache kinds were relabelled between layers would feed one layer's cache to another, silently. Returns the first
+    contradiction, or None (also when the wiring does not show the pairing)."""
+    producer = {out: (op, ins) for op, ins, outs in nodes for out in outs}
+    index = {name: i for i, name in enumerate(names.past)}
+    for i, present in enumerate(names.present):
+        node = producer.get(present)
+        if node is None:
+            continue
+        found = set()
+        for x in node[1]:
+            for _ in range(4):  # through a few Cast/Identity nodes
+                if x in index:
+                    found.add(x)
+                    break
+                p = producer.get(x)
+                if p is None or p[0] not in _PASS_THROUGH or not p[1]:
+                    break
+                x = p[1][0]
+        same_kind = [x for x in found if index[x] % 2 == i % 2]  # keys with keys, values with values
+        if len(same_kind) == 1 and index[same_kind[0]] != i:
+            return (f"writes {present!r} from {same_kind[0]!r}, but the manifest pairs it with {names.past[i]!r} "
+                    "(cache kinds or layers relabelled)")
+    return None
+
+
+def check_cache_pairing(path, names: DecoderNames, file: str) -> None:
+    from .onnx_wire import main_graph_nodes
+
+    problem = cache_pairing_problem(main_graph_nodes(path), names)
+    if problem:
+        raise VlmpruneError(f"{file} {problem}", "re-export the bundle")
+

@@ -287,20 +287,68 @@ MANIFEST_SCHEMA = Obj({
 # --- cross-field rules ------------------------------------------------------------------------------------------------
 
 
+MAX_OPTIONAL = 8  # "x?" items per pattern: at most 2**8 ways to try each one at a position
+
+
+def unsafe_pattern(pattern: str) -> str | None:
+    """Why a regular expression from a manifest may not run, or None. A manifest is untrusted input, and a pattern
+    such as ``(.+)+\\x00`` backtracks for hours on one node name, so only a safe form is accepted: literals, ``.``,
+    classes, anchors, alternation and groups, with ``?`` on single characters only (at most ``MAX_OPTIONAL``). No
+    ``*``, ``+``, ``{m,n}``, back-references or look-arounds: such a pattern matches within a bounded number of
+    steps per position. The families' own scopes (``(^|/)method/``, ``layer_?norm|LayerNormalization``) fit it."""
+    try:
+        parsed = _sre_parse(pattern)
+    except re.error as exc:
+        return f"is not a regular expression ({exc})"
+    optional = 0
+    stack = [list(parsed)]
+    while stack:
+        for op, arg in stack.pop():
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                low, high, body = arg
+                items = list(body)
+                if high > 1 or len(items) != 1 or str(items[0][0]) in ("SUBPATTERN", "BRANCH"):
+                    return ("repeats a group or uses *, + or {m,n}, which can backtrack without bound on a node "
+                            "name; use literals, alternation and ? on single characters")
+                optional += 1
+                stack.append(items)
+            elif name == "SUBPATTERN":
+                stack.append(list(arg[-1]))
+            elif name == "BRANCH":
+                stack.extend(list(branch) for branch in arg[1])
+            elif name in ("GROUPREF", "GROUPREF_EXISTS", "ASSERT", "ASSERT_NOT", "ATOMIC_GROUP"):
+                return "uses a back-reference or look-around, which the safe pattern form leaves out"
+    if optional > MAX_OPTIONAL:
+        return f"has {optional} optional items, more than {MAX_OPTIONAL}"
+    return None
+
+
+def _sre_parse(pattern: str):
+    try:  # the standard library's own regular-expression parser (Python 3.11+: re._parser; before: sre_parse)
+        from re import _parser as parser
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse as parser
+    return parser.parse(pattern)
+
+
+
 def _cross_checks(m: dict) -> None:
     view = m["vision"]["view"]
     views = m["vision"].get("views")
     for where, v in [("vision.view", view), *((f"vision.views[{i}]", v) for i, v in enumerate(views or []))]:
+        (h, w), (gh, gw) = v["image_size"], v["grid"]
+        if h * gw != w * gh:  # square patches: the grid has the image's aspect ratio
+            raise Invalid(f"{where}.grid", f"{v['grid']} does not have the aspect ratio of the {h}x{w} image")
         if v["num_patches"] != v["grid"][0] * v["grid"][1]:
             raise Invalid(f"{where}.num_patches", f"is {v['num_patches']}, but the grid {v['grid']} holds "
                           f"{v['grid'][0] * v['grid'][1]}")
     if views and views[0] != view:
         raise Invalid("vision.views[0]", "differs from vision.view (the first view)")
     for i, scope in enumerate(m["vision"].get("fp32_scopes") or []):
-        try:
-            re.compile(scope)
-        except re.error as exc:
-            raise Invalid(f"vision.fp32_scopes[{i}]", f"is not a regular expression ({exc})") from None
+        problem = unsafe_pattern(scope)
+        if problem:
+            raise Invalid(f"vision.fp32_scopes[{i}]", problem)
     names = set()
     for i, b in enumerate(m["vision"]["buckets"]):
         views = b.get("num_views", 1)  # anyres buckets take several views of view["num_patches"] each

@@ -117,6 +117,64 @@ def layout_for_image(size_hw: tuple[int, int], pinpoints, view: int, side: int) 
     return Layout(ph // view, pw // view, view, side)
 
 
+MAX_CROPS = 64  # crops of one canvas (LLaVA-NeXT's largest is 2x2, OneVision's 6x6): bounds views and memory
+MAX_PINPOINTS = 256
+
+
+def check_anyres_constants(constants: dict, view: int) -> None:
+    """The manifest's anyres fields (``preprocessing.grid_pinpoints``), which the generic schema leaves to the
+    family: a list of [height, width] canvases, whole numbers of views, each at most ``MAX_CROPS`` crops, so a
+    crafted canvas cannot make the runtime allocate thousands of views. One line per problem (the manifest is
+    untrusted input). Called by ``AnyresPreprocessor`` when a bundle's pipeline opens."""
+    pins = constants.get("grid_pinpoints")
+    where = "the manifest's preprocessing.grid_pinpoints"
+    if not isinstance(pins, list) or not 1 <= len(pins) <= MAX_PINPOINTS:
+        raise VlmpruneError(f"{where} must be a list of 1..{MAX_PINPOINTS} [height, width] pairs, got "
+                            f"{str(pins)[:60]}", "re-export the bundle")
+    if type(view) is not int or view < 1:
+        raise VlmpruneError(f"the manifest's preprocessing.crop_size gives a view of {view!r}", "re-export the bundle")
+    for pin in pins:
+        if (not isinstance(pin, list) or len(pin) != 2 or any(type(x) is not int or x < 1 for x in pin)):
+            raise VlmpruneError(f"{where} entry {str(pin)[:40]} is not a [height, width] pair of positive integers",
+                                "re-export the bundle")
+        if pin[0] % view or pin[1] % view:
+            raise VlmpruneError(f"{where} entry {pin} is not a multiple of the {view} px view", "re-export the bundle")
+        crops = (pin[0] // view) * (pin[1] // view)
+        if crops > MAX_CROPS:
+            raise VlmpruneError(f"{where} entry {pin} makes {crops} crops of {view} px, over the {MAX_CROPS} allowed",
+                                "re-export the bundle")
+
+
+_PART_KINDS = {"base": ("base_embeds", "base_indices"), "raster": ("raster_embeds", "raster_indices")}
+
+
+def check_anyres_buckets(manifest: dict) -> None:
+    """The anyres bucket fields that the graphs also state, cross-checked when the pipeline opens: each part's
+    outputs (``base_*``, ``raster_*``) hold that part's recorded K, and the graph takes ``num_views`` views. So base
+    and raster kinds swapped in a crafted manifest are one line, not a wrong stitch (``check_io`` then holds the
+    recorded shapes to the graph's). Called by ``AnyresPipeline`` when it opens a bundle."""
+    for b in manifest["vision"]["buckets"]:
+        parts = b.get("parts")
+        if not isinstance(parts, list):
+            raise VlmpruneError(f"the manifest's anyres bucket {b['name']} lists no parts", "re-export the bundle")
+        for part in parts:
+            kinds = _PART_KINDS.get(part.get("name")) if isinstance(part, dict) else None
+            if kinds is None or type(part.get("k")) is not int:
+                raise VlmpruneError(f"the manifest's bucket {b['name']} has a part {str(part)[:60]} that is not a base "
+                                    "or raster part with an integer k", "re-export the bundle")
+            for e in b["outputs"]:
+                if e["kind"] in kinds and len(e["shape"]) >= 2 and type(e["shape"][1]) is int \
+                        and e["shape"][1] != part["k"]:
+                    raise VlmpruneError(f"the manifest's bucket {b['name']} output {e['name']!r} ({e['kind']}) holds "
+                                        f"{e['shape'][1]} tokens, but its {part['name']} part keeps {part['k']}",
+                                        "re-export the bundle")
+        views = b.get("num_views", 1)
+        pixels = next((e["shape"] for e in b["inputs"] if e["kind"] == "pixel_values"), None)
+        if pixels and type(pixels[0]) is int and pixels[0] != views:
+            raise VlmpruneError(f"the manifest's bucket {b['name']} takes {pixels[0]} views, but records {views}",
+                                "re-export the bundle")
+
+
 class AnyresPreprocessor:
     """``image -> (pixel_values [1 + rows*cols, 3, S, S] float32, (h, w), Layout)`` from the manifest's
     ``preprocessing`` block (kind ``anyres``): ``LlavaNextImageProcessor`` step for step."""
@@ -125,6 +183,7 @@ class AnyresPreprocessor:
         self.c = constants
         if constants["resample"] not in FILTERS:
             raise VlmpruneError(f"unknown resample filter {constants['resample']!r} in the manifest", "re-export")
+        check_anyres_constants(constants, constants["crop_size"][0])
         self.pinpoints = [tuple(int(x) for x in p) for p in constants["grid_pinpoints"]]
         if not self.pinpoints:
             raise VlmpruneError("the manifest's anyres preprocessing lists no grid_pinpoints", "re-export")

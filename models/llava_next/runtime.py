@@ -9,7 +9,7 @@ from PIL import Image
 
 from vlmprune.bundle import bucket_for
 from vlmprune.errors import VlmpruneError
-from vlmprune.models.llava_next.geometry import AnyresPreprocessor, Layout
+from vlmprune.models.llava_next.geometry import AnyresPreprocessor, Layout, check_anyres_buckets
 from vlmprune.models.llava_next.stitch import POSITION_MODES, stitch_anyres
 from vlmprune.models.llava_next.viz import ANYRES_VIEW
 from vlmprune.runtime.family import FamilyRuntime, Stitched, View
@@ -33,6 +33,10 @@ class LlavaNextRuntime(FamilyRuntime):
     @classmethod
     def claims(cls, manifest: dict) -> bool:
         return manifest["prompt"].get("stitch") == "anyres_raster"
+
+    @classmethod
+    def check_manifest(cls, manifest: dict) -> None:
+        check_anyres_buckets(manifest)  # the buckets' parts against their outputs and views, before any graph runs
 
     def make_preprocessor(self):
         return AnyresPreprocessor(self.manifest["preprocessing"], int(self.manifest["vision"]["view"]["grid"][0]))

@@ -12,6 +12,8 @@ Written by hand because the runtime may not import transformers; the patchify is
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image
 
@@ -52,6 +54,75 @@ def patchify(x: np.ndarray, patch: int, temporal: int, merge: int) -> np.ndarray
     return np.ascontiguousarray(p.reshape(gh * gw, c * temporal * patch * patch), dtype=np.float32)
 
 
+def _int_field(constants: dict, key: str, default: int, high: int, where: str) -> int:
+    value = constants.get(key, default)
+    if type(value) is not int or not 1 <= value <= high:
+        raise VlmpruneError(f"the manifest's {where}.{key} must be an integer in 1..{high}, got {str(value)[:40]}",
+                            "re-export the bundle")
+    return value
+
+
+def _floats(value, n: int, where: str, positive: bool = False) -> None:
+    if (not isinstance(value, list) or len(value) != n
+            or any(type(x) not in (int, float) or not math.isfinite(x) or (positive and x <= 0) for x in value)):
+        kind = "positive finite numbers" if positive else "finite numbers"
+        raise VlmpruneError(f"the manifest's {where} must be {n} {kind}, got {str(value)[:60]}", "re-export the bundle")
+
+
+def check_qwen_constants(constants: dict) -> None:
+    """The manifest's Qwen2-VL preprocessing fields the generic schema leaves to the family: patch, temporal patch
+    and merge sizes (positive, bounded: 0 divided by zero, a negative size made negative arrays). Called by
+    ``QwenPreprocessor`` when a bundle's pipeline opens."""
+    for key, default, high in (("patch_size", 14, 1024), ("temporal_patch_size", 2, 16), ("merge_size", 2, 16)):
+        _int_field(constants, key, default, high, "preprocessing")
+
+
+def check_auxiliary_clip(aux) -> None:
+    """GridPrune's ``auxiliary_clip`` block (size, resample, mean, std, rescale_factor): types, ranges and
+    finiteness, so NaN never reaches the graph and a bad size or filter is one line, not a traceback. Called by
+    the Qwen pipeline when it opens a bundle that has the block."""
+    if not isinstance(aux, dict):
+        raise VlmpruneError(f"the manifest's auxiliary_clip must be an object, got {type(aux).__name__}",
+                            "re-export the bundle")
+    _int_field(aux, "size", 0, 4096, "auxiliary_clip")
+    if aux.get("resample", "bicubic") not in FILTERS:
+        raise VlmpruneError(f"the manifest's auxiliary_clip.resample {str(aux.get('resample'))[:30]!r} is not one of "
+                            f"{', '.join(FILTERS)}", "re-export the bundle")
+    _floats(aux.get("mean"), 3, "auxiliary_clip.mean")
+    _floats(aux.get("std"), 3, "auxiliary_clip.std", positive=True)
+    if "rescale_factor" in aux:
+        _floats([aux["rescale_factor"]], 1, "auxiliary_clip.rescale_factor", positive=True)
+
+
+def check_qwen_buckets(manifest: dict, constants: dict) -> None:
+    """Fields that the graphs also state, cross-checked when the pipeline opens: each view's and bucket's merged
+    grid is its image size over ``patch_size * merge_size``, its graph's ``pixel_values`` rows are the pre-merge
+    patches, and an unpruned bucket keeps the whole merged grid. So a ``merge_size`` or a grid that the graph does
+    not use is one line, not a wrong stitch (``check_io`` then holds the recorded shapes to the graph's)."""
+    patch, merge = constants.get("patch_size", 14), constants.get("merge_size", 2)
+    step = patch * merge
+
+    def expect(where: str, size, grid) -> None:
+        h, w = size
+        if h % step or w % step or list(grid) != [h // step, w // step]:
+            raise VlmpruneError(f"the manifest's {where} grid {grid} is not the {h}x{w} image over {patch} px patches "
+                                f"merged {merge}x{merge}", "re-export the bundle")
+
+    view = manifest["vision"]["view"]
+    expect("vision.view", view["image_size"], view["grid"])
+    for b in manifest["vision"]["buckets"]:
+        size, grid = b.get("image_size", view["image_size"]), b.get("grid", view["grid"])
+        expect(f"bucket {b['name']}", size, grid)
+        rows = (size[0] // patch) * (size[1] // patch)
+        pixels = next((e["shape"] for e in b["inputs"] if e["kind"] == "pixel_values"), None)
+        if pixels and type(pixels[0]) is int and pixels[0] != rows:
+            raise VlmpruneError(f"the manifest's bucket {b['name']} takes {pixels[0]} patch rows, but its "
+                                f"{size[0]}x{size[1]} image has {rows} {patch} px patches", "re-export the bundle")
+        if b["method"] == "none" and b["k"] != grid[0] * grid[1]:
+            raise VlmpruneError(f"the manifest's unpruned bucket {b['name']} has k {b['k']}, but its merged grid "
+                                f"{grid} holds {grid[0] * grid[1]} tokens", "re-export the bundle")
+
+
 class QwenPreprocessor:
     """``image -> pixel_values [N, C*T*P*P] float32`` at the bucket size ``crop_size`` of the manifest's
     ``preprocessing`` block (kind ``qwen2_vl``)."""
@@ -60,6 +131,7 @@ class QwenPreprocessor:
         self.c = constants
         if constants["resample"] not in FILTERS:
             raise VlmpruneError(f"unknown resample filter {constants['resample']!r} in the manifest", "re-export")
+        check_qwen_constants(constants)
         self.size = tuple(int(x) for x in constants["crop_size"])  # (height, width)
         self.patch = int(constants.get("patch_size", 14))
         self.temporal = int(constants.get("temporal_patch_size", 2))

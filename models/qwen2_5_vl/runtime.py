@@ -10,7 +10,7 @@ from vlmprune import graph_io
 from vlmprune.errors import VlmpruneError
 from vlmprune.graph_io import DecoderNames
 from vlmprune.models.qwen2_5_vl.positions import MODES, stitch_qwen
-from vlmprune.models.qwen2_5_vl.preprocess import QwenPreprocessor, clip_view
+from vlmprune.models.qwen2_5_vl.preprocess import QwenPreprocessor, check_auxiliary_clip, check_qwen_buckets, clip_view
 from vlmprune.runtime.family import FamilyRuntime, Stitched, View
 
 
@@ -29,6 +29,13 @@ class QwenRuntime(FamilyRuntime):
     @classmethod
     def claims(cls, manifest: dict) -> bool:
         return manifest["preprocessing"].get("kind") == "qwen2_vl"
+
+    @classmethod
+    def check_manifest(cls, manifest: dict) -> None:
+        """Grids, merge size and patch size against the image sizes; the auxiliary CLIP's constants (issue 26)."""
+        check_qwen_buckets(manifest, manifest["preprocessing"])
+        if manifest.get("auxiliary_clip") is not None:
+            check_auxiliary_clip(manifest["auxiliary_clip"])
 
     def make_preprocessor(self):
         return QwenPreprocessor(self.manifest["preprocessing"])
