@@ -267,4 +267,4 @@ def test_export_summary_says_which_tensorrt_needs_its_own_export(tmp_path):
     assert code == 0, err
     assert "FAIL" not in out
     assert "TensorRT lint (exported for --target trt10): loads on trt8.6, trt10, trt11" in out
-    assert "TensorRT 8.5 (JetPack 5.1) needs its own export with --target trt8.5" in out
+    assert "TensorRT 8.5 needs its own export with --target trt8.5" in out

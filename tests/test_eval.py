@@ -413,14 +413,14 @@ def test_malformed_data_is_skipped_with_one_line_each(bundle, data, tmp_path, ca
     report = json.loads((out / "summary.json").read_text())
     assert report["dataset"]["skipped"] == 4 and len(report["dataset"]["skipped_items"]) == 4
     assert {r["items"] for r in report["rows"]} == {2}
-    # nothing answerable at all: the run says why there is no plot (not "matplotlib is not installed")
+    # nothing answerable at all: a non-zero exit saying so (issue 27), never "matplotlib is not installed"
     only_bad = tmp_path / "only_bad.jsonl"
     only_bad.write_text("\n".join(rows[2:5]) + "\n")
     capsys.readouterr()
     assert eval_main.run([str(bundle), "--data", str(only_bad), "--images", str(images), "--out",
-                          str(tmp_path / "out2"), "--max-new-tokens", TOKENS, "--keep", "0.5"]) == 0
-    out_text = capsys.readouterr().out
-    assert "no plot (no item was answered by every bucket" in out_text and "matplotlib" not in out_text
+                          str(tmp_path / "out2"), "--max-new-tokens", TOKENS, "--keep", "0.5"]) == 2
+    captured = capsys.readouterr()
+    assert "nothing was evaluated" in captured.err and "matplotlib" not in captured.out + captured.err
 
 
 def test_user_errors_are_one_line_and_exit_2(bundle, data, tmp_path, capsys):

@@ -245,7 +245,7 @@ def test_pruned_vlm_arguments_are_one_value_error_naming_the_argument(bundle, tm
     from PIL import Image
 
     from vlmprune.errors import VlmpruneError
-    from vlmprune.eval import PrunedVLM
+    from vlmprune.runtime.api import PrunedVLM
 
     def refused(match, call):
         with pytest.raises(VlmpruneError, match=match) as info:

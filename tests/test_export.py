@@ -228,8 +228,8 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
         (["--method", "gprune", "--keep", "0.25", "--option", "threshold=nan"], r"threshold='nan' .* is not in \[-1, 1\]"),
         (["--method", "gprune", "--keep", "nan"], r"keep ratio nan is outside \(0, 1\]"),
         # family-specific options, refused before the weights load where the family lacks them
-        (["--method", "gprune", "--keep", "0.25", "--layouts", "1x2"], "--layouts chooses LLaVA-NeXT's pinpoint"),
-        (["--method", "gprune", "--keep", "0.25", "--image-size", "448x448"], "--image-size sets Qwen2.5-VL's"),
+        (["--method", "gprune", "--keep", "0.25", "--layouts", "1x2"], "--layouts is an option of LLaVA-NeXT models"),
+        (["--method", "gprune", "--keep", "0.25", "--image-size", "448x448"], "--image-size is an option of Qwen2.5-VL"),
         (["--method", "gprune", "--keep", "0.25", "--model", "tiny-llava-next", "--layouts", " , "],
          "--layouts ' , ' names no layout"),
         (["--method", "gprune", "--keep", "0.25", "--model", "tiny-qwen2.5-vl", "--image-size", "448x448,224x224"],

@@ -566,7 +566,7 @@ def test_hostile_prompts(bundle, capsys):
     # original positions must not run past the context: one line, before any graph runs
     long = "sky " * 500  # ~650 tokens with a quarter of the image tokens: fits; ~1080 positions with gaps: does not
     pipe_orig = Pipeline(bundle, positions="original")
-    with pytest.raises(VlmpruneError, match="position ids reach .* past the model's context of 1024"):
+    with pytest.raises(VlmpruneError, match="positions reach .* the model's context of 1024"):
         pipe_orig.generate(make_sample_image(), long, keep=0.25)
     assert pipe.generate(make_sample_image(), long, keep=0.25, max_new_tokens=2).tokens_generated >= 1
 

@@ -49,10 +49,11 @@ def test_method_needs_are_checked_against_capabilities():
 
 
 def test_load_model_refuses_a_method_before_loading(monkeypatch):
-    import vlmprune.models.llava_next.adapter as mod
+    import vlmprune.models.llava_next as mod
 
-    crippled = Family("llava_next", "LLaVA-NeXT", "LlavaNextForConditionalGeneration", mod.FAMILY.adapter,
-                      Capabilities(True, "feature", False), mod.FAMILY.recipe)
+    from dataclasses import replace
+
+    crippled = replace(mod.FAMILY, capabilities=Capabilities(True, "feature", False))
     monkeypatch.setitem(families(), "llava_next", crippled)
     monkeypatch.setattr("transformers.LlavaNextForConditionalGeneration.from_pretrained",
                         lambda *a, **k: pytest.fail("loaded before the capability check"))

@@ -84,7 +84,7 @@ NEXT = {"resample": "bicubic", "crop_size": [336, 336], "grid_pinpoints": [[336,
     ([[21504, 21504]], "makes 4096 crops of 336 px, over the 64 allowed"),  # it allocated 5.2 GB before failing
 ])
 def test_next_grid_pinpoints_are_checked(pins, message):
-    from vlmprune.runtime.anyres import AnyresPreprocessor
+    from vlmprune.models.llava_next.geometry import AnyresPreprocessor
 
     constants = edit(["grid_pinpoints"], pins)(dict(NEXT))
     with pytest.raises(VlmpruneError, match=message):
@@ -106,7 +106,7 @@ CLIP = {"size": 336, "resample": "bicubic", "rescale_factor": 1 / 255, "mean": [
     ("rescale_factor", math.inf, "auxiliary_clip.rescale_factor"),
 ])
 def test_qwen_auxiliary_clip_is_checked(key, value, message):
-    from vlmprune.runtime.qwen_preprocess import check_auxiliary_clip
+    from vlmprune.models.qwen2_5_vl.preprocess import check_auxiliary_clip
 
     check_auxiliary_clip(dict(CLIP))
     with pytest.raises(VlmpruneError, match=message):
@@ -119,7 +119,7 @@ QWEN = {"resample": "bicubic", "crop_size": [448, 448], "patch_size": 14, "tempo
 
 @pytest.mark.parametrize("value", [0, -14, "14", 2.5])
 def test_qwen_patch_size_is_checked(value):
-    from vlmprune.runtime.qwen_preprocess import QwenPreprocessor
+    from vlmprune.models.qwen2_5_vl.preprocess import QwenPreprocessor
 
     QwenPreprocessor(dict(QWEN))
     with pytest.raises(VlmpruneError, match="preprocessing.patch_size must be an integer"):
@@ -140,7 +140,7 @@ def _qwen_manifest(grid=(16, 16), k=256, rows=1024):
     (_qwen_manifest(rows=512), QWEN, "takes 512 patch rows"),
 ])
 def test_qwen_fields_are_cross_checked_against_the_graphs(manifest, constants, message):
-    from vlmprune.runtime.qwen_preprocess import check_qwen_buckets
+    from vlmprune.models.qwen2_5_vl.preprocess import check_qwen_buckets
 
     check_qwen_buckets(_qwen_manifest(), QWEN)
     with pytest.raises(VlmpruneError, match=message):
@@ -186,7 +186,7 @@ def _next_bucket(kb=144, kr=288):
 def test_next_base_and_raster_kinds_are_cross_checked():
     """LLaVA-NeXT's base_*/raster_* kinds swapped (names and shapes kept, so check_io alone passes): the parts'
     recorded K no longer match the outputs' token dimensions."""
-    from vlmprune.runtime.anyres import check_anyres_buckets
+    from vlmprune.models.llava_next.geometry import check_anyres_buckets
 
     check_anyres_buckets({"vision": {"buckets": [_next_bucket()]}})
     swapped = _next_bucket()

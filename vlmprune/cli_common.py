@@ -65,9 +65,9 @@ def add_session_args(p: argparse.ArgumentParser, *, decoder: bool = True, engine
         "decoder), e.g. trt10-fp16"))
     if decoder:
         g.add_argument("--decoder", default="auto", choices=["auto", "fused", "plain"],
-                       help="LLM decoder: the --engines decoder engine where there is one, else the fused one "
-                            "(decoder_fused.onnx) where the bundle has it and the provider is CPU/CUDA, else the "
-                            "standard-op one (auto, default); fused or plain force that ONNX Runtime decoder")
+                       help="LLM decoder: auto takes the --engines decoder engine where there is one, else the fused "
+                            "one (decoder_fused.onnx) where the bundle has it and the provider is CPU/CUDA, else the "
+                            "standard-op one; fused or plain force that ONNX Runtime decoder (default: auto)")
 
 
 def session_kwargs(args) -> dict:

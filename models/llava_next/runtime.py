@@ -9,7 +9,7 @@ from PIL import Image
 
 from vlmprune.bundle import bucket_for
 from vlmprune.errors import VlmpruneError
-from vlmprune.models.llava_next.geometry import AnyresPreprocessor, Layout, check_anyres_buckets
+from vlmprune.models.llava_next.geometry import AnyresPreprocessor, Layout, check_anyres_buckets, layouts_for
 from vlmprune.models.llava_next.stitch import POSITION_MODES, stitch_anyres
 from vlmprune.models.llava_next.viz import ANYRES_VIEW
 from vlmprune.runtime.family import FamilyRuntime, Stitched, View
@@ -39,7 +39,9 @@ class LlavaNextRuntime(FamilyRuntime):
         check_anyres_buckets(manifest)  # the buckets' parts against their outputs and views, before any graph runs
 
     def make_preprocessor(self):
-        return AnyresPreprocessor(self.manifest["preprocessing"], int(self.manifest["vision"]["view"]["grid"][0]))
+        pre = AnyresPreprocessor(self.manifest["preprocessing"], int(self.manifest["vision"]["view"]["grid"][0]))
+        self._layouts = {lay.name: lay for lay in layouts_for(pre.pinpoints, pre.view, pre.side)}
+        return pre
 
     def layouts(self) -> list[str]:
         return sorted({b["layout"] for b in self.manifest["vision"]["buckets"]})
@@ -72,7 +74,9 @@ class LlavaNextRuntime(FamilyRuntime):
         """The kept count is known only after the graph runs (the raster's valid tokens depend on the image)."""
 
     def prepare(self, image: Image.Image, bucket: dict) -> View:
-        layout = self.layout_of(image)
+        """The image tiled onto the bucket's layout: the image's own in a request (``check_bucket``); every layout's
+        graph gets every image in INT8 calibration, as each layout's graph must see the whole range of images."""
+        layout = self._layouts.get(bucket.get("layout")) or self.layout_of(image)
         pixels, size_hw, _ = self.preprocess(image, layout)
         return View(image, {"pixel_values": pixels, "valid_mask": layout.valid_mask(size_hw).astype(np.float32)},
                     {"layout": layout, "size_hw": size_hw}, f"layout {layout.name}")

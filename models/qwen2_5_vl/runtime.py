@@ -10,7 +10,8 @@ from vlmprune import graph_io
 from vlmprune.errors import VlmpruneError
 from vlmprune.graph_io import DecoderNames
 from vlmprune.models.qwen2_5_vl.positions import MODES, stitch_qwen
-from vlmprune.models.qwen2_5_vl.preprocess import QwenPreprocessor, check_auxiliary_clip, check_qwen_buckets, clip_view
+from vlmprune.models.qwen2_5_vl.preprocess import (QwenPreprocessor, check_auxiliary_clip, check_qwen_buckets,
+                                                  check_qwen_constants, clip_view)
 from vlmprune.runtime.family import FamilyRuntime, Stitched, View
 
 
@@ -33,6 +34,7 @@ class QwenRuntime(FamilyRuntime):
     @classmethod
     def check_manifest(cls, manifest: dict) -> None:
         """Grids, merge size and patch size against the image sizes; the auxiliary CLIP's constants (issue 26)."""
+        check_qwen_constants(manifest["preprocessing"])
         check_qwen_buckets(manifest, manifest["preprocessing"])
         if manifest.get("auxiliary_clip") is not None:
             check_auxiliary_clip(manifest["auxiliary_clip"])
