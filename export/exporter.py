@@ -198,9 +198,13 @@ def check_family_options(family, given: dict, model: str) -> None:
     """A family-only option given for a model of another family is refused in one line, before the weights load."""
     from vlmprune.models.registry import families
 
-    mine = {o.dest for o in family.options}
+    mine = {o.dest: o for o in family.options}
     for dest, value in given.items():
-        if value in (None, [], ()) or dest in mine:
+        if value in (None, [], ()):
+            continue
+        if dest in mine:
+            if isinstance(value, str):  # a flag several families declare: the model's family parses it (cli.py)
+                given[dest] = mine[dest].parse_value(value)
             continue
         owner = next((f for f in families().values() for o in f.options if o.dest == dest), None)
         flag = next((o.flag for f in families().values() for o in f.options if o.dest == dest), dest)
@@ -421,7 +425,7 @@ def export_decoder(req, adapter, hooks, target, tmp: Path, scratch: Path, steps:
     text = adapter.text
     quantization = None
     with steps.step(f"export decoder ({precision})"):
-        names_in, names_out, kinds, axes = decoder_io(io, text.num_layers)
+        names_in, names_out, kinds, axes = decoder_io(io, text.num_layers, decoder.extra_inputs)
         model = export_onnx(decoder, decoder.example_inputs(dtype=dtype), scratch / "decoder.onnx",
                             input_names=names_in, output_names=names_out,
                             dynamic_axes=axes, opset=target.opset,

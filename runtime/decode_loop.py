@@ -25,13 +25,15 @@ class Decoded:
 def decode(decoder, table: np.ndarray, embeds: np.ndarray, positions: np.ndarray, next_pos: int, *, max_context: int,
            max_new_tokens: int, eos: int | None, decode_text: Callable[[list[int]], str], timings, start: float,
            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, position_rank: int = 2,
-           on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Decoded:
-    """Fill ``timings`` (prefill_ms, ttft_ms from ``start``, tpot_ms, total_ms) and return the generated tokens."""
+           on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
+           prefill_inputs: dict | None = None) -> Decoded:
+    """Fill ``timings`` (prefill_ms, ttft_ms from ``start``, tpot_ms, total_ms) and return the generated tokens.
+    ``prefill_inputs``: the decoder's prefill-only inputs by kind (DeepStack); the steps after it go without."""
     budget = min(max_new_tokens, max_context - next_pos)
     rng = np.random.default_rng(seed)
     decoder.reset()
     t0 = time.perf_counter()
-    logits = decoder.step(embeds, positions)
+    logits = decoder.step(embeds, positions, prefill_inputs) if prefill_inputs else decoder.step(embeds, positions)
     timings.prefill_ms = (time.perf_counter() - t0) * 1e3
     generated: list[int] = []
     emitted = ""
