@@ -343,3 +343,91 @@ def test_decoder_refuses_unknown_prefill_inputs(gridprune_bundle):
     with pytest.raises(VlmpruneError, match="takes no raster_count input"):
         pipe.decoder.step(np.zeros((1, 2, 128), np.float32), np.zeros((3, 1, 2), np.int64),
                           {"raster_count": np.zeros(1, np.int64)})
+
+
+def test_bench_preset_vision_share():
+    """bench-qwen3-vl's vision share of the unpruned prefill's compute is Qwen3-VL-4B's at 448 x 448 (within 0.05).
+    Reference: Qwen/Qwen3-VL-4B-Instruct config.json (vision depth 24, width 1024, MLP 4096, out 2560, DeepStack at
+    5/11/17; text 36 layers, 2560 wide, 32 heads of 128, 8 KV heads, MLP 9728)."""
+    from vlmprune.models.qwen3_vl import PRESETS
+    from vlmprune.models.qwen3_vl.preset import deepstack_blocks, ttft_macs
+
+    four_b = ttft_macs(
+        {"patch_size": 16, "spatial_merge_size": 2, "hidden_size": 1024, "intermediate_size": 4096, "depth": 24,
+         "out_hidden_size": 2560, "deepstack_visual_indexes": [5, 11, 17]},
+        {"hidden_size": 2560, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+         "intermediate_size": 9728, "num_hidden_layers": 36}, (448, 448))
+    spec = next(p for p in PRESETS if p.name == "bench-qwen3-vl")
+    bench = ttft_macs(
+        {"patch_size": spec.patch_size, "spatial_merge_size": spec.spatial_merge, "hidden_size": spec.vision_hidden,
+         "intermediate_size": spec.vision_intermediate, "depth": spec.vision_layers, "out_hidden_size": spec.text_hidden,
+         "deepstack_visual_indexes": deepstack_blocks(spec.vision_layers)},
+        {"hidden_size": spec.text_hidden, "num_attention_heads": spec.text_heads, "num_key_value_heads":
+         spec.text_kv_heads, "head_dim": spec.text_hidden // spec.text_heads, "intermediate_size":
+         spec.text_intermediate, "num_hidden_layers": spec.text_layers}, (spec.image_size, spec.image_size))
+    share = [v / (v + t) for v, t in (four_b, bench)]
+    assert 0.2 < share[0] < 0.35, share
+    assert abs(share[1] - share[0]) <= 0.05, share
+
+
+def _published_checkpoint(preset: Path, dst: Path) -> Path:
+    """The preset laid out as Qwen/Qwen3-VL-4B-Instruct is published: a transformers-4.57 config.json (``rope_scaling``
+    with ``mrope_interleaved``, ``torch_dtype``, the vision config's ``model_type`` ``qwen3_vl``), bf16 weights in two
+    shards with ``model.safetensors.index.json``, tied embeddings (no ``lm_head.weight``)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
+              "generation_config.json"):
+        shutil.copy(preset / f, dst / f)
+    c = json.loads((preset / "config.json").read_text())
+    t, v = dict(c["text_config"]), dict(c["vision_config"])
+    t["rope_scaling"] = {k: t["rope_parameters"][k] for k in ("mrope_interleaved", "mrope_section", "rope_type")}
+    t["rope_theta"] = t.pop("rope_parameters")["rope_theta"]
+    v["model_type"] = "qwen3_vl"
+    published = {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+                 "text_config": t, "vision_config": v, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                 "transformers_version": "4.57.0",
+                 **{k: c[k] for k in ("vision_start_token_id", "vision_end_token_id", "image_token_id",
+                                      "video_token_id")}}
+    (dst / "config.json").write_text(json.dumps(published))
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(preset / "model.safetensors").items()
+               if k != "lm_head.weight"}
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, part in shards.items():
+        save_file({k: tensors[k] for k in part}, dst / file, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: file for file, part in shards.items() for k in part}}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+@pytest.mark.slow
+def test_published_checkpoint_layout_loads_strictly_and_runs(tmp_path):
+    """A checkpoint in the published layout loads strictly (nothing missing, unexpected or mis-shaped), a shard
+    missing is one line, and its bundle runs with generate's greedy tokens."""
+    from transformers import GenerationConfig
+
+    from vlmprune.models import ensure_preset, load_model
+    from vlmprune.models.loading import checkpoint_dtype
+    from vlmprune.runtime.pipeline import open_bundle
+
+    folder = _published_checkpoint(ensure_preset(PRESET), tmp_path / "Qwen3-VL-tiny")
+    assert checkpoint_dtype(folder) == "BF16"
+    adapter = load_model(str(folder))
+    assert adapter.model.config.tie_word_embeddings and adapter.mrope_section == (6, 5, 5)
+    assert adapter.mrope_interleaved and adapter.deepstack_levels == 3
+    assert adapter.model.lm_head.weight.data_ptr() == adapter.model.get_input_embeddings().weight.data_ptr()
+    _export(str(folder), "l2norm", tmp_path / "export", validate=False)
+    image = make_sample_image(448, 448)
+    ours = open_bundle(tmp_path / "export").generate(image, PROMPT, keep=1.0, max_new_tokens=12, ignore_eos=True)
+    inputs = _library_inputs(adapter, image)
+    out = adapter.model.generate(**inputs, generation_config=GenerationConfig(
+        max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=adapter.tokenizer.pad_token_id))
+    assert ours.token_ids == out[0, inputs["input_ids"].shape[1]:].tolist()
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(VlmpruneError):
+        load_model(str(folder))

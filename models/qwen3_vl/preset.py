@@ -82,3 +82,20 @@ def write_qwen3_preset(spec, folder: Path) -> None:
     save_processor(processor, folder)
     write_auxiliary_clip(spec, folder / "clip", vocab_seed=spec.seed + 1)
     (folder / "VLMPRUNE_PRESET").write_text(f"{spec.name} v{PRESET_VERSION} seed {spec.seed}\n")
+
+
+def ttft_macs(vision: dict, text: dict, image_size: tuple[int, int], text_tokens: int = 20) -> tuple[float, float]:
+    """``(vision, decoder)`` multiply-accumulates of an unpruned prefill at ``image_size``, from config fields (the
+    bench preset is sized so its vision share matches Qwen3-VL-4B's by this count): the ViT's blocks and attention,
+    the merger and the DeepStack mergers; the decoder's projections, MLP and causal attention over the prompt."""
+    p, m = vision["patch_size"], vision["spatial_merge_size"]
+    n = (image_size[0] // p) * (image_size[1] // p)
+    d, inter, depth = vision["hidden_size"], vision["intermediate_size"], vision["depth"]
+    merged, wide = n // m**2, d * m**2
+    mergers = (1 + len(vision["deepstack_visual_indexes"])) * merged * (wide * wide + wide * vision["out_hidden_size"])
+    v = depth * (n * (4 * d * d + 2 * d * inter) + 2 * n * n * d) + mergers
+    h, heads, kv, hd = text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"], text["head_dim"]
+    s = merged + text_tokens
+    per_token = 2 * h * heads * hd + 2 * h * kv * hd + 3 * h * text["intermediate_size"]
+    t = text["num_hidden_layers"] * (s * per_token + s * s * heads * hd)  # QK^T and PV over the causal half, twice
+    return float(v), float(t)
