@@ -85,6 +85,9 @@ def fused_refusal(manifest: dict, choice: str, positions: str, first_provider: s
     if choice == "plain":
         return "asked for the plain decoder"
     if not fused:
+        why = manifest.get("decoder_fused_missing")  # a family whose decoder the builder cannot write says why
+        if isinstance(why, str) and why:
+            return f"the bundle has no fused decoder: {why[:200]}"
         return "the bundle has no fused decoder (exported with --no-fused-decoder or without onnxruntime-genai)"
     if positions != fused.get("positions", "contiguous"):
         return f"the fused decoder numbers tokens by cache position; --positions {positions} needs the plain one"

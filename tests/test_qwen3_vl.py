@@ -431,3 +431,25 @@ def test_published_checkpoint_layout_loads_strictly_and_runs(tmp_path):
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(VlmpruneError):
         load_model(str(folder))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
+def test_decoder_exports_and_validates_at_every_precision(tmp_path, precision):
+    """The DeepStack decoder at each --decoder-precision: streamed, validated over 32 greedy tokens against fp32
+    PyTorch with that precision's floors (export/validate.py), its DeepStack inputs kept (the int8/int4 quantizer
+    rewrites MatMuls only), and the bundle answers through prune-run's pipeline."""
+    from vlmprune import graph_io
+    from vlmprune.export.exporter import ExportRequest, export_bundle
+    from vlmprune.export.progress import Steps
+    from vlmprune.runtime.pipeline import open_bundle
+
+    out = tmp_path / "bundle"
+    result = export_bundle(ExportRequest(model=PRESET, method="pool", keeps=[0.25], out=out,
+                                         decoder_precision=precision), Steps(quiet=True))
+    v = result.validation
+    assert v["passed"] and v["decoder"]["precision"] == precision and v["decoder"]["greedy_tokens"] == 32
+    inputs = result.manifest["decoder"]["inputs"]
+    assert all(graph_io.has(inputs, kind) for kind in graph_io.PREFILL_INPUTS)
+    answer = open_bundle(out).generate(make_sample_image(), PROMPT, keep=0.25, max_new_tokens=4, ignore_eos=True)
+    assert answer.tokens_generated == 4 and answer.visual_tokens_kept == N // 4
