@@ -221,7 +221,8 @@ class OrtDecoder:
                            self.mask.ctypes.data)
         for kind, name in self.prefill_names.items():
             value = (prefill_inputs or {}).get(kind)
-            value = self.prefill_empty[kind] if value is None else np.ascontiguousarray(value, self.backend.inputs[name])
+            value = (self.prefill_empty[kind] if value is None
+                     else np.ascontiguousarray(value, self.backend.inputs[name]))
             self._prefill_values[kind] = value  # kept alive until the run is over (bound by address)
             binding.bind_input(name, "cpu", 0, value.dtype.type, list(value.shape), value.ctypes.data)
         for name, value in zip(self.past_names, self.past):

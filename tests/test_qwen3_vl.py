@@ -336,6 +336,28 @@ def test_prune_run_cli_on_the_bundle(gridprune_bundle, capsys):
     assert f"{N // 4}/{N} visual tokens" in capsys.readouterr().out
 
 
+def test_prune_viz_and_profile_through_the_family_hooks(gridprune_bundle, tmp_path):
+    """prune-viz draws the kept merged tokens of prune-run's own selection over the whole image; prune-profile
+    times every bucket's graph (DeepStack output included) on ONNX Runtime."""
+    from PIL import Image
+
+    from vlmprune.runtime.cli import viz_main
+    from vlmprune.runtime.profile_cli import main as profile_main
+
+    out = tmp_path / "kept.png"
+    with pytest.raises(SystemExit) as exit_code:
+        viz_main([str(gridprune_bundle), "--image", "sample", "--prompt", PROMPT, "-o", str(out)])
+    assert exit_code.value.code == 0
+    with Image.open(out) as picture:
+        assert picture.size[0] > 300 and picture.size[1] > 300
+    with pytest.raises(SystemExit) as exit_code:
+        profile_main([str(gridprune_bundle), "--backend", "ort", "--iterations", "2", "--warmup", "1", "--out",
+                      str(tmp_path / "profile")])
+    assert exit_code.value.code == 0
+    rows = json.loads((tmp_path / "profile" / "profile.json").read_text())
+    assert [r["k"] for r in rows] == [N, N // 4] and all(r["median"] > 0 for r in rows)
+
+
 def test_decoder_refuses_unknown_prefill_inputs(gridprune_bundle):
     from vlmprune.runtime.pipeline import open_bundle
 
@@ -360,8 +382,8 @@ def test_bench_preset_vision_share():
     spec = next(p for p in PRESETS if p.name == "bench-qwen3-vl")
     bench = ttft_macs(
         {"patch_size": spec.patch_size, "spatial_merge_size": spec.spatial_merge, "hidden_size": spec.vision_hidden,
-         "intermediate_size": spec.vision_intermediate, "depth": spec.vision_layers, "out_hidden_size": spec.text_hidden,
-         "deepstack_visual_indexes": deepstack_blocks(spec.vision_layers)},
+         "intermediate_size": spec.vision_intermediate, "depth": spec.vision_layers,
+         "out_hidden_size": spec.text_hidden, "deepstack_visual_indexes": deepstack_blocks(spec.vision_layers)},
         {"hidden_size": spec.text_hidden, "num_attention_heads": spec.text_heads, "num_key_value_heads":
          spec.text_kv_heads, "head_dim": spec.text_hidden // spec.text_heads, "intermediate_size":
          spec.text_intermediate, "num_hidden_layers": spec.text_layers}, (spec.image_size, spec.image_size))
