@@ -206,9 +206,9 @@ def check_family_options(family, given: dict, model: str) -> None:
             if isinstance(value, str):  # a flag several families declare: the model's family parses it (cli.py)
                 given[dest] = mine[dest].parse_value(value)
             continue
-        owner = next((f for f in families().values() for o in f.options if o.dest == dest), None)
+        owners = [f.name for f in families().values() if any(o.dest == dest for o in f.options)]
         flag = next((o.flag for f in families().values() for o in f.options if o.dest == dest), dest)
-        raise VlmpruneError(f"{flag} is an option of {owner.name if owner else 'another family'} models, and {model} "
+        raise VlmpruneError(f"{flag} is an option of {' and '.join(owners) or 'another family'} models, and {model} "
                             f"is {family.name}", f"leave out {flag}")
 
 

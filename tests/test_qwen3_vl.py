@@ -52,6 +52,25 @@ def test_family_declaration():
             parse_image_size(bad)
 
 
+@pytest.mark.parametrize("model, size, message", [
+    ("tiny-qwen3-vl", "476x476", "multiple of 32"),
+    ("tiny-qwen2.5-vl", "480x480", "multiple of 28"),
+    ("tiny-llava", "448x448", "--image-size is an option of Qwen2.5-VL and Qwen3-VL models"),
+])
+def test_image_size_flag_is_parsed_by_the_models_family(model, size, message, tmp_path, capsys):
+    """--image-size, declared by both Qwen families, is one flag parsed by the model's own family (from its
+    config.json, before any weights load): one line and a non-zero exit."""
+    from vlmprune.export.cli import main
+
+    with pytest.raises(SystemExit) as exit_code:
+        main(["--model", model, "--method", "gprune", "--keep", "0.25", "--image-size", size, "--out",
+              str(tmp_path / "out")])
+    assert exit_code.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_family_runtime_parts_import_without_torch():
     """The family's declaration and runtime hooks import in a process that cannot import torch or transformers."""
     import subprocess
