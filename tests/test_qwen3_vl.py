@@ -377,6 +377,23 @@ def test_prune_viz_and_profile_through_the_family_hooks(gridprune_bundle, tmp_pa
     assert [r["k"] for r in rows] == [N, N // 4] and all(r["median"] > 0 for r in rows)
 
 
+@pytest.mark.slow
+def test_prune_eval_runs_the_bundle(gridprune_bundle, tmp_path):
+    """prune-eval opens the bundle through the family hooks: every bucket answers."""
+    from vlmprune.runtime.eval_cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    make_sample_image(500, 400).save(images / "a.png")
+    (images / "prompt.txt").write_text(PROMPT + "\n")
+    with pytest.raises(SystemExit) as exit_code:
+        main([str(gridprune_bundle), "--data", str(images), "--out", str(tmp_path / "eval"), "--max-new-tokens", "3",
+              "--plain-progress"])
+    assert exit_code.value.code == 0
+    text = json.dumps(json.loads((tmp_path / "eval" / "summary.json").read_text()))
+    assert "gridprune" in text and "none" in text
+
+
 def test_decoder_refuses_unknown_prefill_inputs(gridprune_bundle):
     from vlmprune.runtime.pipeline import open_bundle
 
