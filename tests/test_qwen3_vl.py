@@ -71,6 +71,20 @@ def test_image_size_flag_is_parsed_by_the_models_family(model, size, message, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_fused_decoder_is_refused_in_one_line(tmp_path):
+    """ONNX Runtime GenAI's Qwen3VLTextModel (onnxruntime-genai models/builders/qwen.py) has no DeepStack input:
+    asking for its decoder is one line naming why, before any graph is written."""
+    from types import SimpleNamespace
+
+    from vlmprune.export.progress import Steps
+    from vlmprune.models.qwen3_vl.export import export_qwen3_vision
+
+    with pytest.raises(VlmpruneError, match="takes no DeepStack input"):
+        export_qwen3_vision(SimpleNamespace(fused_decoder=True), None, [], None, False, None, tmp_path, tmp_path,
+                            Steps(quiet=True), [])
+    assert not any(tmp_path.iterdir())
+
+
 def test_family_runtime_parts_import_without_torch():
     """The family's declaration and runtime hooks import in a process that cannot import torch or transformers."""
     import subprocess

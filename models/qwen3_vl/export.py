@@ -55,6 +55,9 @@ def export_qwen3_vision(req, adapter, buckets, target, needs_text, text_embeds, 
     if needs_text and text_embeds is None:
         raise VlmpruneError("GridPrune on Qwen3-VL needs the prompt's CLIP embedding for its validation",
                             "report this as a bug")
+    if getattr(req, "fused_decoder", None):
+        raise VlmpruneError(f"--fused-decoder cannot be made for Qwen3-VL: {FUSED_MISSING}",
+                            "leave out --fused-decoder")
     records, lint = [], {}
     vcfg = adapter.model.config.vision_config
     with WeightsFile(tmp / "vision.weights") as weights:
@@ -84,6 +87,7 @@ def export_qwen3_vision(req, adapter, buckets, target, needs_text, text_embeds, 
                 with steps.step(f"validate {bucket.file}"):
                     checks += validate_qwen3_graph(tmp / bucket.file, module, adapter, req.precision, text_embeds)
     steps.log(f"fused decoder: not made for Qwen3-VL: {FUSED_MISSING}")
+    req.fused_decoder = False  # said here once, with the reason; the generic step would only say "unknown model"
     return records, lint
 
 
