@@ -6,7 +6,8 @@ nothing is added.
 
 transformers adds them by boolean-mask indexing (data-dependent shapes in a graph); here the rows are scattered
 onto the sequence by a one-hot ``[S, K]`` MatMul, exact (one 1.0 per row, the rest 0.0) and empty when K is 0, and
-added to every position."""
+added to every position. The positions index the sequence of batch row 0 and the rows are broadcast over the batch:
+the runtime runs batch 1."""
 
 from __future__ import annotations
 
