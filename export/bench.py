@@ -111,6 +111,8 @@ def _bare_decoder_step_ms(pipe, cache_len: int, steps: int) -> float:
     binding.bind_cpu_input(io.position_ids, np.full(dec.step_position.shape, cache_len, types[io.position_ids]))
     for name in dec.past_names:
         binding.bind_ortvalue_input(name, kv)
+    for kind, name in getattr(dec, "prefill_names", {}).items():  # DeepStack: empty at a generated token
+        binding.bind_cpu_input(name, dec.prefill_empty[kind])
     binding.bind_output(io.logits, "cpu")
     for name in dec.present_names:
         binding.bind_output(name, "cpu")

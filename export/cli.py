@@ -74,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     family_options = p.add_argument_group("family options", "taken by one model family only (refused for others)")
     from vlmprune.models.registry import families
 
+    added = set()
     for fam in families().values():  # declared by each family (models/<family>/__init__.py), torch-free
         for opt in fam.options:
-            family_options.add_argument(opt.flag, dest=f"family_{opt.dest}", metavar=opt.metavar, help=opt.help)
+            if opt.flag not in added:  # a flag several families declare (--image-size) is one argument
+                added.add(opt.flag)
+                family_options.add_argument(opt.flag, dest=f"family_{opt.dest}", metavar=opt.metavar, help=opt.help)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation against PyTorch")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
@@ -161,11 +164,16 @@ def _family_options(args) -> dict:
     from vlmprune.models.registry import families
 
     out = {}
+    owners: dict[str, int] = {}
+    for fam in families().values():
+        for opt in fam.options:
+            owners[opt.dest] = owners.get(opt.dest, 0) + 1
     for fam in families().values():
         for opt in fam.options:
             text = getattr(args, f"family_{opt.dest}", None)
             if text is not None:
-                out[opt.dest] = opt.parse_value(text)
+                # declared by several families: kept as text, parsed by the model's family once config.json is read
+                out[opt.dest] = opt.parse_value(text) if owners[opt.dest] == 1 else text
     return out
 
 

@@ -14,9 +14,10 @@ from vlmprune.models.adapter import VLMAdapter
 from vlmprune.models.registry import DecoderIO
 
 
-def decoder_io(io: DecoderIO, num_layers: int) -> tuple[list[str], list[str], dict, dict]:
+def decoder_io(io: DecoderIO, num_layers: int, extra: tuple = ()) -> tuple[list[str], list[str], dict, dict]:
     """The graph's input and output names from the family's templates (``FAMILY.decoder_io``), the kind of each
-    (written into the manifest, which the runtime reads them from) and the dynamic axes."""
+    (written into the manifest, which the runtime reads them from) and the dynamic axes. ``extra``: the decoder
+    module's prefill-only inputs after the cache (``DecoderGraph.extra_inputs``: name, kind, dynamic axes)."""
     positions_axes = {1: "batch", 2: "sequence"} if io.position_rank == 3 else {0: "batch", 1: "sequence"}
     inputs = [io.inputs_embeds, io.attention_mask, io.position_ids]
     outputs = [io.logits]
@@ -32,6 +33,9 @@ def decoder_io(io: DecoderIO, num_layers: int) -> tuple[list[str], list[str], di
             outputs.append(present)
             kinds[past], kinds[present] = (f"past_{kv}", i), (f"present_{kv}", i)
             axes[past], axes[present] = {0: "batch", 2: "past_sequence"}, {0: "batch", 2: "total_sequence"}
+    for name, kind, dyn in extra:
+        inputs.append(name)
+        kinds[name], axes[name] = kind, dict(dyn)
     # a template without {layer}, or two kinds on one name, would make names collide: refuse at export, not at run
     if len(kinds) != len(inputs) + len(outputs):
         raise ValueError(f"the decoder I/O templates {io} give colliding tensor names")
@@ -40,6 +44,10 @@ def decoder_io(io: DecoderIO, num_layers: int) -> tuple[list[str], list[str], di
 
 class DecoderGraph(nn.Module):
     """Flat-tensor wrapper around the adapter's decoder so it traces with the cache as plain inputs/outputs."""
+
+    # (name, kind, dynamic axes) of inputs after the cache that only the prefill feeds (``graph_io.PREFILL_INPUTS``);
+    # ``forward`` takes them after ``*past``, ``example_inputs`` returns them last
+    extra_inputs: tuple = ()
 
     def __init__(self, adapter: VLMAdapter):
         super().__init__()

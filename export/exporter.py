@@ -141,6 +141,10 @@ def _export(req: ExportRequest, steps: Steps, spec, target, options, out: Path, 
 
         family = model_family(req.model)  # config.json only: family-specific options are checked before loading
         check_family_options(family, req.family_options, req.model)
+        missing_fused = dict(family.missing_decoders).get("fused")
+        if req.fused_decoder and missing_fused:  # asked for by name: refused before the weights load
+            raise VlmpruneError(f"--fused-decoder cannot be made for {family.name}: {missing_fused}",
+                                "leave out --fused-decoder")
         if req.decoder_precision is None:  # follow the checkpoint: a published fp16/bf16 one stays half precision
             stored = checkpoint_dtype(resolve_path(req.model))
             req.decoder_precision = "fp16" if stored in ("F16", "BF16") else "fp32"
@@ -197,13 +201,17 @@ def check_family_options(family, given: dict, model: str) -> None:
     """A family-only option given for a model of another family is refused in one line, before the weights load."""
     from vlmprune.models.registry import families
 
-    mine = {o.dest for o in family.options}
+    mine = {o.dest: o for o in family.options}
     for dest, value in given.items():
-        if value in (None, [], ()) or dest in mine:
+        if value in (None, [], ()):
             continue
-        owner = next((f for f in families().values() for o in f.options if o.dest == dest), None)
+        if dest in mine:
+            if isinstance(value, str):  # a flag several families declare: the model's family parses it (cli.py)
+                given[dest] = mine[dest].parse_value(value)
+            continue
+        owners = [f.name for f in families().values() if any(o.dest == dest for o in f.options)]
         flag = next((o.flag for f in families().values() for o in f.options if o.dest == dest), dest)
-        raise VlmpruneError(f"{flag} is an option of {owner.name if owner else 'another family'} models, and {model} "
+        raise VlmpruneError(f"{flag} is an option of {' and '.join(owners) or 'another family'} models, and {model} "
                             f"is {family.name}", f"leave out {flag}")
 
 
@@ -391,7 +399,7 @@ def export_decoder(req, adapter, hooks, target, tmp: Path, scratch: Path, steps:
     text = adapter.text
     quantization = None
     with steps.step(f"export decoder ({precision})"):
-        names_in, names_out, kinds, axes = decoder_io(io, text.num_layers)
+        names_in, names_out, kinds, axes = decoder_io(io, text.num_layers, decoder.extra_inputs)
         model = export_onnx(decoder, decoder.example_inputs(dtype=dtype), scratch / "decoder.onnx",
                             input_names=names_in, output_names=names_out,
                             dynamic_axes=axes, opset=target.opset,

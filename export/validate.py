@@ -15,7 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlmprune import graph_io
 from vlmprune.graph_io import DecoderNames
+
+_ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+           "tensor(int32)": np.int32}
 
 # |ort - torch| <= ATOL + RTOL * max|torch|, per output.
 TOLERANCE = {"fp32": {"atol": 1e-4, "rtol": 1e-4, "min_overlap": 1.0}, "fp16": {"atol": 2e-2, "rtol": 2e-2, "min_overlap": 0.9}}
@@ -155,6 +159,8 @@ def _ort_greedy(sess, io: DecoderNames, prompt: np.ndarray, table,
             positions = np.ascontiguousarray(np.broadcast_to(positions, (3, 1, seq)))
         feeds = dict(zip([io.inputs_embeds, io.attention_mask, io.position_ids, *io.past],
                          [x.astype(float_t), np.ones((1, length + seq), np.int64), positions, *cache]))
+        for name in set(types) - set(feeds):  # a family's prefill-only inputs (DeepStack): a text prompt has none
+            feeds[name] = graph_io.empty_value({"shape": types[name].shape}, _ORT_NP[types[name].type])
         out = sess.run(outputs, feeds)
         cache, length = out[1:], length + seq
         logits = out[0][0].astype(np.float32)

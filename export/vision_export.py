@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmprune.graph_io import VISION_PARTS
+from vlmprune.graph_io import ALIGNED_OUTPUTS, VISION_PARTS
 
 from .onnx_io import WeightsFile
 from .validate import TOLERANCE, Check, _compare, _indices, _session
@@ -99,11 +99,15 @@ def compare_outputs(file: str, case: str, ref: dict, got: dict, precision: str) 
         idx = _indices(file, label, ri, oi, tol)
         checks.append(idx)
         r, o = ref[embeds][:, :n], got[embeds][:, :n]
+        aligned = [name for name, follows in ALIGNED_OUTPUTS.items() if follows == indices and name in ref]
         if idx.indices_equal:
             checks.append(_compare(file, label, embeds, r, o, tol))
+            checks += [_compare(file, label, name, ref[name][:, :n], got[name][:, :n], tol) for name in aligned]
         else:  # compare the tokens both kept
             rl, ol = ri[0].tolist(), oi[0].tolist()
             common = sorted(set(rl) & set(ol))
-            checks.append(_compare(file, label, f"{embeds} (common tokens)", r[0][[rl.index(i) for i in common]],
-                                   o[0][[ol.index(i) for i in common]], tol))
+            rows_r, rows_o = [rl.index(i) for i in common], [ol.index(i) for i in common]
+            checks.append(_compare(file, label, f"{embeds} (common tokens)", r[0][rows_r], o[0][rows_o], tol))
+            checks += [_compare(file, label, f"{name} (common tokens)", ref[name][:, rows_r], got[name][:, rows_o],
+                                tol) for name in aligned]
     return checks

@@ -19,7 +19,8 @@ from typing import Any
 from vlmprune.errors import VlmpruneError
 
 # One line per family: its folder's package (torch-free; its parts are named in its FAMILY and imported on use).
-FAMILY_PACKAGES = ("vlmprune.models.llava", "vlmprune.models.llava_next", "vlmprune.models.qwen2_5_vl")
+FAMILY_PACKAGES = ("vlmprune.models.llava", "vlmprune.models.llava_next", "vlmprune.models.qwen2_5_vl",
+                   "vlmprune.models.qwen3_vl")
 # Families kept outside this package (a plugin, or a test's copy): comma-separated module names declaring a FAMILY.
 PLUGIN_ENV = "VLMPRUNE_FAMILIES"
 # Families known but not built yet: they say so rather than failing deep inside transformers.

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmprune.errors import VlmpruneError
-from vlmprune.graph_io import FLOAT_DTYPES, DecoderNames, check_cache_pairing
+from vlmprune.graph_io import FLOAT_DTYPES, PREFILL_INPUTS, DecoderNames, check_cache_pairing, empty_value
 
 _PREFERRED = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -183,6 +183,11 @@ class OrtDecoder:
         logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
         self.logits = np.zeros((1, 1, spec["vocab_size"]), logits_dtype)
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)  # wraps self.logits, no copy
+        # a family's prefill-only inputs (DeepStack): bound with their values at the prefill, empty at every step
+        self.prefill_names = {e["kind"]: e["name"] for e in spec["inputs"] if e.get("kind") in PREFILL_INPUTS}
+        self._prefill_values: dict[str, np.ndarray] = {}
+        self.prefill_empty = {kind: empty_value(next(e for e in spec["inputs"] if e["name"] == name), types[name])
+                              for kind, name in self.prefill_names.items()}
         self.binding = self.session.io_binding()
         self.reset()
 
@@ -207,9 +212,13 @@ class OrtDecoder:
                      for a in arrays]
         self.length = length
 
-    def step(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def step(self, embeds: np.ndarray, positions: np.ndarray, prefill_inputs: dict | None = None) -> np.ndarray:
         """Run S new tokens; returns the logits of the last one [V] (for one token: a view that the next step
-        overwrites) and keeps the cache."""
+        overwrites) and keeps the cache. ``prefill_inputs``: values of the graph's prefill-only inputs by kind."""
+        unknown = sorted(set(prefill_inputs or ()) - set(self.prefill_names))
+        if unknown:
+            raise VlmpruneError(f"{self.file} takes no {unknown[0]} input, which this bundle's stitch produced",
+                                "re-export the bundle")
         seq = embeds.shape[1]
         if self.length + seq > self.mask.shape[1]:
             raise VlmpruneError(f"the sequence would reach {self.length + seq} tokens, beyond the model's context of "
@@ -228,6 +237,12 @@ class OrtDecoder:
         binding.bind_input(io.position_ids, "cpu", 0, pos.dtype.type, list(pos.shape), pos.ctypes.data)
         binding.bind_input(io.attention_mask, "cpu", 0, self.mask.dtype.type, [1, self.length + seq],
                            self.mask.ctypes.data)
+        for kind, name in self.prefill_names.items():
+            value = (prefill_inputs or {}).get(kind)
+            value = (self.prefill_empty[kind] if value is None
+                     else np.ascontiguousarray(value, self.backend.inputs[name]))
+            self._prefill_values[kind] = value  # kept alive until the run is over (bound by address)
+            binding.bind_input(name, "cpu", 0, value.dtype.type, list(value.shape), value.ctypes.data)
         for name, value in zip(self.past_names, self.past):
             binding.bind_ortvalue_input(name, value)
         if seq == 1:

@@ -53,18 +53,24 @@ class Decoded:
 def decode(decoder, table: np.ndarray, embeds: np.ndarray, positions: np.ndarray, next_pos: int, *, max_context: int,
            max_new_tokens: int, eos: int | None, decode_text: Callable[[list[int]], str], timings, start: float,
            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, position_rank: int = 2,
-           on_text: Callable[[str], None] | None = None, ignore_eos: bool = False, hooks=None) -> Decoded:
+           on_text: Callable[[str], None] | None = None, ignore_eos: bool = False, hooks=None,
+           prefill_inputs: dict | None = None) -> Decoded:
     """Fill ``timings`` (prefill_ms, ttft_ms from ``start``, tpot_ms, total_ms) and return the generated tokens.
 
     The generation stops with ``context`` when the sequence reaches the context (``budget``), and keeps its answer.
     ``hooks`` (``reuse.Reuse``, optional): the prefill starts after the longest cached KV prefix of the stitched
-    sequence and leaves the prompt's KV for later requests; ``hooks.cancelled()`` stops the loop before a step."""
+    sequence and leaves the prompt's KV for later requests; ``hooks.cancelled()`` stops the loop before a step.
+    ``prefill_inputs``: the decoder's prefill-only inputs by kind (DeepStack); the steps after it go without. They
+    address the whole prompt, so a prompt with them is prefilled whole (no KV prefix reuse)."""
     budget = token_budget(decoder, embeds.shape[1], next_pos, max_context, max_new_tokens)
     rng = np.random.default_rng(seed)
     decoder.reset()
     t0 = time.perf_counter()
-    reused = hooks.before_prefill(decoder, embeds, positions) if hooks is not None else 0
-    logits = decoder.step(embeds[:, reused:], positions[..., reused:])
+    if prefill_inputs:
+        logits = decoder.step(embeds, positions, prefill_inputs)
+    else:
+        reused = hooks.before_prefill(decoder, embeds, positions) if hooks is not None else 0
+        logits = decoder.step(embeds[:, reused:], positions[..., reused:])
     check_logits(logits, decoder)
     timings.prefill_ms = (time.perf_counter() - t0) * 1e3
     generated: list[int] = []

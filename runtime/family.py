@@ -38,6 +38,8 @@ class Stitched:
     next_pos: int  # the first generated token's position
     kept: np.ndarray  # each kept image token's place in the unpruned image sequence
     total: int  # image tokens before pruning
+    # the decoder's prefill-only inputs by kind (``graph_io.PREFILL_INPUTS``: DeepStack's rows and positions)
+    decoder_inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class FamilyRuntime:

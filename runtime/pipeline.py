@@ -308,7 +308,8 @@ class Pipeline:
                      max_context=self.decoder_spec["max_context"], max_new_tokens=max_new_tokens,
                      eos=self.decoder_spec.get("eos_token_id"), decode_text=self.prompt.decode, timings=t,
                      start=req.start, temperature=temperature, top_p=top_p, seed=seed,
-                     position_rank=self.position_rank, on_text=on_text, ignore_eos=ignore_eos, hooks=self.reuse)
+                     position_rank=self.position_rank, on_text=on_text, ignore_eos=ignore_eos, hooks=self.reuse,
+                     prefill_inputs=st.decoder_inputs)
         return Result(
             text=out.text,
             token_ids=out.tokens,

@@ -19,10 +19,15 @@ from vlmprune.errors import VlmpruneError
 # or anyres's two parts (``base_*`` and ``raster_*`` with ``raster_count``).
 VISION_INPUTS = ("pixel_values", "valid_mask", "text_embeds", "clip_pixel_values")
 VISION_OUTPUTS = ("image_embeds", "kept_indices", "base_embeds", "base_indices", "raster_embeds", "raster_indices",
-                  "raster_count")
+                  "raster_count", "deepstack_embeds")
 TEXT_INPUTS = ("input_ids",)
 TEXT_OUTPUTS = ("text_embeds",)
 DECODER_INPUTS = ("inputs_embeds", "attention_mask", "position_ids", "past_key", "past_value")
+# Decoder inputs a family may add, fed at the prefill only and empty (their dynamic axes 0) at every generated token:
+# DeepStack (Qwen3-VL) adds visual features from intermediate encoder layers to the first decoder layers' hidden
+# states, ``deepstack_embeds [levels, K, D]`` (the vision graph's output of the same kind, the kept tokens' rows) at
+# the sequence positions ``deepstack_positions [K]`` of the prefill (where the kept image tokens were stitched).
+PREFILL_INPUTS = ("deepstack_embeds", "deepstack_positions")
 DECODER_OUTPUTS = ("logits", "present_key", "present_value")
 PER_LAYER = ("past_key", "past_value", "present_key", "present_value")
 # What each kind is: integer or floating point, and its rank(s). The schema holds every entry to it, and the runtime
@@ -37,12 +42,13 @@ FORM = {
     "inputs_embeds": ("float", (3,)), "attention_mask": ("int", (2,)), "position_ids": ("int", (2, 3)),
     "past_key": ("float", (4,)), "past_value": ("float", (4,)), "logits": ("float", (3,)),
     "present_key": ("float", (4,)), "present_value": ("float", (4,)),
+    "deepstack_embeds": ("float", (3,)), "deepstack_positions": ("int", (1,)),
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INT_DTYPES = ("int64", "int32")
 
 KINDS = tuple(dict.fromkeys(VISION_INPUTS + VISION_OUTPUTS + TEXT_INPUTS + TEXT_OUTPUTS + DECODER_INPUTS
-                            + DECODER_OUTPUTS))
+                            + PREFILL_INPUTS + DECODER_OUTPUTS))
 
 # The standard names (optimum's and ONNX Runtime GenAI's, which its model builder writes): each vision and text tensor
 # named by its kind, the cache ``past_key_values.{i}.key|value`` / ``present.{i}.key|value``. Schema versions 1 and 2
@@ -135,6 +141,14 @@ class DecoderNames:
         )
 
 
+def empty_value(entry: dict, dtype) -> "np.ndarray":
+    """The value of a prefill-only input (``PREFILL_INPUTS``) at a step without it: its static sizes, 0 on every
+    dynamic axis (ONNX Runtime binds zero-size tensors; a MatMul over K = 0 contributes nothing)."""
+    import numpy as np
+
+    return np.zeros([d if type(d) is int else 0 for d in entry["shape"]], dtype)
+
+
 def feeds(entries: list[dict], values: dict, where: str) -> dict:
     """A graph's feeds keyed by its recorded input names, from ``values`` keyed by kind. Every input the graph
     takes must have a value: a graph input this runtime does not know gets one line, not a wrong run."""
@@ -160,6 +174,9 @@ def by_kind(entries: list[dict], results: dict) -> dict:
 # graph outputs the first; a base-plus-raster graph the other two (its raster's valid length in ``raster_count``).
 VISION_PARTS = (("image_embeds", "kept_indices", None), ("base_embeds", "base_indices", None),
                 ("raster_embeds", "raster_indices", "raster_count"))
+# Vision outputs gathered with a part's kept indices along their axis 1 (DeepStack's [levels, K, D]): output kind ->
+# the indices kind it follows.
+ALIGNED_OUTPUTS = {"deepstack_embeds": "kept_indices"}
 
 
 _PASS_THROUGH = ("Cast", "Identity")

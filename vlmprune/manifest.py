@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import VlmpruneError
 from .graph_io import (DECODER_INPUTS, DECODER_OUTPUTS, FLOAT_DTYPES, FORM, INT_DTYPES, KINDS, PER_LAYER,
-                       TEXT_INPUTS, TEXT_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, add_legacy_kinds)
+                       PREFILL_INPUTS, TEXT_INPUTS, TEXT_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, add_legacy_kinds)
 from .integrity import check_relpath
 
 SCHEMA_VERSION = 4
@@ -464,7 +464,7 @@ def _check_roles(m: dict) -> None:
                   _ANYRES_OUTPUTS if outs & _ANYRES_OUTPUTS else {"image_embeds", "kept_indices"})
         _check_form(b["inputs"], f"{where}.inputs")
         k = {1: b["k"]}
-        sizes = {"image_embeds": k, "kept_indices": k}
+        sizes = {"image_embeds": k, "kept_indices": k, "deepstack_embeds": k}
         parts = {p.get("name"): p.get("k") for p in b.get("parts") or [] if isinstance(p, dict)}
         for part in ("base", "raster"):  # anyres: each part's kept slots
             if type(parts.get(part)) is int:
@@ -483,7 +483,9 @@ def _check_roles(m: dict) -> None:
         d = m.get(key)
         if not d:
             continue
-        _check_io(d["inputs"], f"{key}.inputs", allowed_in, set(allowed_in), d["num_layers"])
+        # the plain decoder may also take a family's prefill-only inputs (DeepStack), never required
+        _check_io(d["inputs"], f"{key}.inputs", allowed_in + (PREFILL_INPUTS if key == "decoder" else ()),
+                  set(allowed_in), d["num_layers"])
         _check_io(d["outputs"], f"{key}.outputs", DECODER_OUTPUTS, set(DECODER_OUTPUTS), d["num_layers"])
         kv = {1: d["num_kv_heads"], 3: d["head_dim"]}
         sizes = {"inputs_embeds": {-1: d["hidden_size"]}, "logits": {-1: d["vocab_size"]}, "past_key": kv,

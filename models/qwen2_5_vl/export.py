@@ -102,15 +102,13 @@ class QwenExport(FamilyExport):
     def bucket_graph(self, adapter, bucket, needs_text, text_embeds):
         """Flattened patches at the bucket's image size (and GridPrune's auxiliary-CLIP view and prompt
         embedding); the records carry the image size and merged grid."""
-        from vlmprune.models.qwen2_5_vl.graphs import QwenVisionGraph
-
         if needs_text and text_embeds is None:
-            raise VlmpruneError("GridPrune on Qwen2.5-VL needs the prompt's CLIP embedding for its validation",
-                                "report this as a bug")
+            raise VlmpruneError(f"GridPrune on {self.family.name} needs the prompt's CLIP embedding for its "
+                                "validation", "report this as a bug")
         adapter.set_image_size(bucket.image_size)
         n = bucket.image_size[0] * bucket.image_size[1] // adapter.vision.patch_size**2
         vcfg = adapter.model.config.vision_config
-        module = QwenVisionGraph(adapter, bucket.method, bucket.k, dict(bucket.options)).eval()
+        module = self.vision_module(adapter, bucket)
         if module.k != bucket.k:
             raise AssertionError(f"{bucket.name}: module returns K={module.k}")
         inputs = {"pixel_values": torch.zeros(n, 3 * vcfg.temporal_patch_size * vcfg.patch_size**2)}
@@ -118,8 +116,16 @@ class QwenExport(FamilyExport):
             side = adapter.clip_image_size
             inputs["clip_pixel_values"] = torch.zeros(1, 3, side, side)
             inputs["text_embeds"] = torch.zeros(1, adapter.clip.projection_dim)
-        return BucketGraph(module, inputs, ["image_embeds", "kept_indices"],
+        return BucketGraph(module, inputs, list(self.vision_outputs),
                            {"image_size": list(bucket.image_size), "grid": list(adapter.vision.views[0].grid)})
+
+    vision_outputs = ("image_embeds", "kept_indices")
+
+    def vision_module(self, adapter, bucket):
+        """The bucket's graph module (at the adapter's current image size)."""
+        from vlmprune.models.qwen2_5_vl.graphs import QwenVisionGraph
+
+        return QwenVisionGraph(adapter, bucket.method, bucket.k, dict(bucket.options)).eval()
 
     def validation_cases(self, adapter, bucket, graph, text_embeds):
         adapter.set_image_size(bucket.image_size)
