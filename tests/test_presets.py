@@ -34,7 +34,7 @@ def test_geometry_follows_the_config(adapter):
     vcfg = adapter.model.config.vision_config
     # the spec-only grids that other test modules parametrise over (tests/preset_geometry.py) are the loaded ones
     assert {view.grid for view in adapter.vision.views} == {preset_grid(PRESETS[adapter.source])}
-    if adapter.arch == "qwen2_5_vl":  # a static bucket size, merged 2x2 (tests/test_qwen2_5_vl.py has the rest)
+    if adapter.preprocessing.kind == "qwen2_vl":  # a static bucket size, merged 2x2 (the Qwen families' tests)
         (view,) = adapter.vision.views
         side = vcfg.patch_size * vcfg.spatial_merge_size
         assert view.grid == (view.image_size[0] // side, view.image_size[1] // side) and not view.has_cls
@@ -51,8 +51,10 @@ def test_geometry_follows_the_config(adapter):
 def test_pieces_reproduce_the_library_forward(adapter):
     size = adapter.vision.views[0].image_size
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
-    if adapter.arch == "qwen2_5_vl":  # the processor's flattened patches [N, C*T*P*P]
-        x = torch.randn(size[0] * size[1] // 196, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
+    if adapter.preprocessing.kind == "qwen2_vl":  # the processor's flattened patches [N, C*T*P*P]
+        vcfg = adapter.model.config.vision_config
+        p, t = vcfg.patch_size, vcfg.temporal_patch_size
+        x = torch.randn(size[0] * size[1] // (p * p), 3 * t * p * p, generator=torch.Generator().manual_seed(0))
     ours = adapter.project(adapter.select_patches(adapter.scoring_layer(adapter.hidden_before_scoring(x))))
     torch.testing.assert_close(ours, adapter.reference_image_features(x), rtol=1e-5, atol=1e-5)
 
@@ -71,7 +73,8 @@ def test_runtime_preprocessing_reproduces_the_processor(adapter):
         from vlmprune.models.qwen2_5_vl.preprocess import QwenPreprocessor, smart_resize
 
         ip = adapter.processor.image_processor
-        adapter.set_image_size(smart_resize(263, 517, 28, ip.size["shortest_edge"], ip.size["longest_edge"]))
+        factor = ip.patch_size * ip.merge_size  # 28 for Qwen2.5-VL, 32 for Qwen3-VL
+        adapter.set_image_size(smart_resize(263, 517, factor, ip.size["shortest_edge"], ip.size["longest_edge"]))
         ours = QwenPreprocessor(adapter.preprocessing.to_dict())(image)
     else:
         ours = Preprocessor(constants)(image)
