@@ -180,23 +180,25 @@ def clip_view(image: Image.Image, constants: dict) -> np.ndarray:
     return np.ascontiguousarray(((x - mean) / std)[None], dtype=np.float32)
 
 
-def parse_image_size(text: str) -> tuple[int, int]:
-    """``HxW`` (or one number for a square) -> (height, width), each a positive multiple of 28."""
+def parse_image_size(text: str, factor: int = 28, largest: int = 4032, family: str = "Qwen2.5-VL: patch 14 x merge 2"
+                     ) -> tuple[int, int]:
+    """``HxW`` (or one number for a square) -> (height, width), each a positive multiple of ``factor`` (patch x
+    merge)."""
     try:
         parts = [int(p) for p in str(text).lower().replace("*", "x").split("x")]
     except ValueError:
         parts = []
     if len(parts) == 1:
         parts = parts * 2
-    if len(parts) != 2 or min(parts) < 28 or any(p % 28 for p in parts) or max(parts) > 4032:
-        raise VlmpruneError(f"image size {text!r} is not HxW with each side a multiple of 28 in 28..4032",
-                            "give e.g. --image-size 448x448 (Qwen2.5-VL: patch 14 x merge 2)")
+    if len(parts) != 2 or min(parts) < factor or any(p % factor for p in parts) or max(parts) > largest:
+        raise VlmpruneError(f"image size {text!r} is not HxW with each side a multiple of {factor} in "
+                            f"{factor}..{largest}", f"give e.g. --image-size 448x448 ({family})")
     return parts[0], parts[1]
 
 
-def parse_image_sizes(text: str) -> list[tuple[int, int]]:
+def parse_image_sizes(text: str, parse=parse_image_size) -> list[tuple[int, int]]:
     """``--image-size``: one or more ``HxW``, comma-separated."""
-    sizes = list(dict.fromkeys(parse_image_size(part.strip()) for part in str(text).split(",") if part.strip()))
+    sizes = list(dict.fromkeys(parse(part.strip()) for part in str(text).split(",") if part.strip()))
     if not sizes:
         raise VlmpruneError(f"--image-size {text!r} names no size", "give e.g. --image-size 448x448, or leave it out")
     return sizes
